@@ -1,0 +1,13 @@
+"""megaolmo: Megatron-style 3D-parallel training of OLMo language models.
+
+>>> import megaolmo
+>>> model = megaolmo.load("path/to/checkpoint")      # eval mode, on CPU
+>>> logits = model(input_ids)                         # [batch, seq] -> [batch, seq, padded vocab]
+"""
+
+from megaolmo.checkpoint import load
+from megaolmo.config import ConfigError, ModelConfig
+from megaolmo.model import OLMo, build_model
+
+__all__ = ["ConfigError", "ModelConfig", "OLMo", "build_model", "load"]
+__version__ = "0.1.0"

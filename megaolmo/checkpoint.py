@@ -1,0 +1,152 @@
+"""megaolmo checkpoints on disk, and `megaolmo.load`.
+
+The consolidated format is one directory:
+
+    config.json        {"format": "megaolmo-consolidated", "format_version": 1, "model": {ModelConfig}}
+    model.safetensors  the model's state_dict, unsharded, in the dtype it was saved in
+
+A directory is only ever written under a temporary name and renamed into place
+once complete, so a crash never leaves something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megaolmo.config import ConfigError, ModelConfig
+from megaolmo.model import OLMo, build_model
+
+CONSOLIDATED_FORMAT = "megaolmo-consolidated"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the path and the fix."""
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the state_dict of an unsharded model of this config."""
+    model = build_model(config, device="meta")
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError line for the first missing, unexpected or misshapen tensor."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: tensor {name} is missing")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)} but the model config implies {shape}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]} do not belong to this model config")
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Refuse to write over anything: the target must not exist or be an empty directory."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"output {path} already exists and is not empty; choose a new directory")
+
+
+def commit_directory(tmp: Path, path: Path) -> None:
+    """Move a fully written temporary directory to its final name in one rename."""
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        path.rmdir()  # empty, checked by prepare_output_dir
+    os.rename(tmp, path)
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind."""
+    path = Path(path)
+    prepare_output_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        commit_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_consolidated(path: str | Path, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """Write a consolidated checkpoint of an unsharded state_dict (validated against `config` first)."""
+    check_state_dict(config, state, "state to save")
+    header = {"format": CONSOLIDATED_FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
+
+    def write(tmp: Path) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
+
+    write_atomically(Path(path), write)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The model config of a megaolmo checkpoint directory, with a clear line for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a megaolmo checkpoint: {CONFIG_FILE} is missing")
+    try:
+        header = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err})") from None
+    if header.get("format") != CONSOLIDATED_FORMAT:
+        hint = (
+            "; it looks like a Hugging Face model: run python -m megaolmo.convert from-hf first"
+            if "model_type" in header
+            else ""
+        )
+        raise CheckpointError(f"{path} is not a megaolmo checkpoint (format={header.get('format')!r}){hint}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version={header.get('format_version')!r}; this megaolmo reads {FORMAT_VERSION}"
+        )
+    try:
+        return ModelConfig.from_dict(header["model"])
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+
+
+def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Model config and unsharded state_dict (on CPU, in the saved dtype) of a checkpoint directory."""
+    path = Path(path)
+    config = read_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing; the checkpoint is incomplete")
+    state = load_file(str(weights), device="cpu")
+    check_state_dict(config, state, str(weights))
+    return config, state
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OLMo:
+    """The model of a megaolmo checkpoint, in eval mode, on `device` (CPU by default).
+
+    Parameters keep the checkpoint's dtype unless `dtype` is given.
+    """
+    config, state = load_consolidated(path)
+    model = build_model(config, device="meta")
+    model.load_state_dict(state, assign=True)
+    model.to(device=device, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,33 @@
+"""Installs megaolmo; the top-level `kernels/` folder becomes `megaolmo.kernels`.
+
+`kernels` must never be a top-level module: PyPI's `kernels` package exists and
+transformers probes for it, so a stray top-level `kernels` would be picked up.
+"""
+
+from setuptools import setup
+
+setup(
+    name="megaolmo",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel training of OLMo language models",
+    python_requires=">=3.10",
+    packages=[
+        "megaolmo",
+        "megaolmo.model",
+        "megaolmo.parallel",
+        "megaolmo.kernels",
+    ],
+    package_dir={"megaolmo.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "numpy",
+        "safetensors",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.48", "tokenizers", "safetensors", "ruff"],
+        "te": ["transformer-engine[pytorch]"],
+        "flash": ["flash-attn"],
+        "liger": ["liger-kernel"],
+    },
+)

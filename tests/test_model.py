@@ -1,0 +1,125 @@
+"""The OLMo model against transformers' OlmoForCausalLM on the same weights (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from megaolmo import ModelConfig, build_model
+from megaolmo.convert import config_to_hf, state_to_hf
+
+CONFIGS = {
+    "tied": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, weight_tying=True),
+    "untied": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, weight_tying=False),
+    "gqa": ModelConfig(d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden_size=96, vocab_size=256),
+    # A clamp at 0.05 cuts most of the q/k/v entries of this init (std ~0.6): the clip really bites.
+    "clip_qkv": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, clip_qkv=0.05),
+    # hidden 96 (3 heads of 32), SwiGLU width 200, vocab 1000 padded to 1024.
+    "odd_sizes": ModelConfig(
+        d_model=96, n_layers=3, n_heads=3, ffn_hidden_size=200, vocab_size=1000, weight_tying=False
+    ),
+}
+MAX_SEQ = 24
+
+
+def hf_twin(model) -> transformers.OlmoForCausalLM:
+    """A transformers OLMo holding exactly the weights of a megaolmo model."""
+    config = model.config
+    hf_config = config_to_hf(config, torch.float32)
+    hf_config.pop("torch_dtype")
+    hf = transformers.OlmoForCausalLM(transformers.OlmoConfig(**hf_config, attn_implementation="eager"))
+    missing, unexpected = hf.load_state_dict(state_to_hf(config, model.state_dict()), strict=False)
+    assert not unexpected and all("rotary" in name for name in missing)
+    return hf.eval()
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[name]
+    config = ModelConfig(**{**config.to_dict(), "max_sequence_length": MAX_SEQ})
+    return build_model(config)
+
+
+def max_rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("seq_len", [1, 7, MAX_SEQ])
+def test_logits_match_transformers(name: str, seq_len: int) -> None:
+    model = build(name).eval()
+    hf = hf_twin(model)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(input_ids)
+        theirs = hf(input_ids).logits
+    assert ours.shape == (2, seq_len, model.config.padded_vocab_size)
+    assert max_rel_diff(ours, theirs) < 1e-5
+
+
+def test_clip_qkv_changes_the_output() -> None:
+    """Guards the clip_qkv case above against a clamp too loose to matter."""
+    model = build("clip_qkv").eval()
+    unclipped = build_model(ModelConfig(**{**model.config.to_dict(), "clip_qkv": None}))
+    unclipped.load_state_dict(model.state_dict())
+    input_ids = torch.randint(0, 256, (1, MAX_SEQ))
+    with torch.no_grad():
+        assert max_rel_diff(model(input_ids), unclipped(input_ids)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["untied", "gqa", "odd_sizes"])
+def test_loss_and_gradients_match_transformers(name: str) -> None:
+    model = build(name)
+    hf = hf_twin(model).train()
+    vocab = model.config.padded_vocab_size
+    input_ids = torch.randint(0, model.config.vocab_size, (2, MAX_SEQ))
+    labels = torch.roll(input_ids, -1, dims=1)
+    loss = F.cross_entropy(model(input_ids).reshape(-1, vocab), labels.reshape(-1))
+    hf_loss = F.cross_entropy(hf(input_ids).logits.reshape(-1, vocab), labels.reshape(-1))
+    assert abs(loss.item() - hf_loss.item()) < 1e-5 * hf_loss.item()
+    loss.backward()
+    hf_loss.backward()
+    ours = state_to_hf(model.config, {n: p.grad for n, p in model.named_parameters()})
+    for hf_name, grad in ours.items():
+        assert max_rel_diff(grad, hf.get_parameter(hf_name).grad) < 1e-5, hf_name
+
+
+def test_padding_rows_of_the_vocab_are_trained_through_the_softmax() -> None:
+    """Padding rows of the embedding exist (vocab 1000 -> 1024) and are trained only through the softmax."""
+    model = build("odd_sizes")
+    assert model.wte.weight.shape[0] == 1024
+    input_ids = torch.randint(0, 1000, (1, 8))
+    model(input_ids).logsumexp(-1).sum().backward()
+    assert model.head.weight.grad[1000:].abs().sum() > 0
+
+
+def test_activations_are_sequence_first_inside_the_stack() -> None:
+    model = build("gqa")
+    shapes = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    model(torch.zeros(3, 5, dtype=torch.long))
+    assert shapes == [(5, 3, 64)]
+
+
+def test_mitchell_init_scales_output_projections_by_depth() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=256, n_layers=4, n_heads=4, ffn_hidden_size=512, weight_tying=False)
+    model = build_model(config)
+    assert abs(model.wte.weight.std().item() - 256**-0.5) < 0.05 * 256**-0.5
+    for i, block in enumerate(model.blocks):
+        for weight, std in (
+            (block.att_proj.weight, 256**-0.5),
+            (block.attn_out.weight, (2 * 256 * (i + 1)) ** -0.5),
+            (block.ff_out.weight, (2 * 512 * (i + 1)) ** -0.5),
+        ):
+            # A normal truncated at 3 std has std 0.9866 * std and no value past 3 std.
+            assert abs(weight.std().item() - 0.9866 * std) < 0.05 * std
+            assert weight.abs().max().item() <= 3 * std + 1e-7
+
+
+def test_sequence_longer_than_the_context_is_refused() -> None:
+    model = build("tied")
+    with pytest.raises(ValueError, match="max_sequence_length=24"):
+        model(torch.zeros(1, MAX_SEQ + 1, dtype=torch.long))
