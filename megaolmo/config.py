@@ -36,7 +36,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # clamp the fused qkv projection to [-clip_qkv, clip_qkv]; None disables
     weight_tying: bool = True  # logits use wte.T instead of a separate head
     layer_norm_eps: float = 1e-5  # epsilon of the parameter-free LayerNorm
-    eos_token_id: int = 50279  # end-of-document token appended after every document
+    eos_token_id: int = 0  # end-of-document token appended after every document (OLMo's tokenizer: 50279)
     pad_token_id: int = 1  # padding token (never trained on)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
     kernels: str = "torch"  # implementation of RoPE, SwiGLU and LayerNorm (see megaolmo.kernels)
@@ -125,8 +125,13 @@ class ModelConfig:
 
 
 def _olmo(**values: Any) -> ModelConfig:
-    """OLMo's released sizes share vocab 50280 padded to 50304, RoPE theta 10000 and a 2048 context."""
-    base: dict[str, Any] = {"vocab_size": 50280, "embedding_size": 50304, "max_sequence_length": 2048}
+    """OLMo's released sizes share its tokenizer (vocab 50280 padded to 50304, eos 50279) and a 2048 context."""
+    base: dict[str, Any] = {
+        "vocab_size": 50280,
+        "embedding_size": 50304,
+        "max_sequence_length": 2048,
+        "eos_token_id": 50279,
+    }
     base.update(values)
     return ModelConfig(**base)
 

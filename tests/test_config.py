@@ -39,6 +39,9 @@ def test_presets_match_the_reference_architecture() -> None:
     seventy = ModelConfig.preset("olmo_70b")
     assert (seventy.kv_heads, seventy.clip_qkv, seventy.max_sequence_length) == (8, 8.0, 4096)
     assert set(MODEL_PRESETS) == {"olmo_tiny", "olmo_1b", "olmo_7b", "olmo_65b", "olmo_70b"}
+    for name in PUBLISHED_PARAMS:
+        config = ModelConfig.preset(name)
+        assert (config.eos_token_id, config.pad_token_id, config.rope_theta) == (50279, 1, 10000.0)
 
 
 def test_preset_overrides_and_unknown_preset() -> None:

@@ -133,7 +133,8 @@ class OLMo(nn.Module):
         cos, sin = self.rope(seq_len, x.device)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.output_logits(self.ln_f(x)).transpose(0, 1)
+        # Back to [b, s, d] before the head, so the (vocab-wide) logits come out contiguous.
+        return self.output_logits(self.ln_f(x).transpose(0, 1))
 
     @torch.no_grad()
     def init_weights(self) -> None:
