@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -39,19 +39,28 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one CheckpointError line for the first missing, unexpected or misshapen tensor."""
-    expected = expected_shapes(config)
+def check_tensors(
+    expected: Mapping[str, tuple[int, ...]],
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Raise one CheckpointError line for the first missing, misshapen or unexpected tensor."""
     for name, shape in expected.items():
-        if name not in state:
+        if name not in tensors:
             raise CheckpointError(f"{source}: tensor {name} is missing")
-        if tuple(state[name].shape) != shape:
+        if tuple(tensors[name].shape) != shape:
             raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(state[name].shape)} but the model config implies {shape}"
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but the model config implies {shape}"
             )
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(name for name in set(tensors) - set(expected) if not ignore(name))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]} do not belong to this model config")
+
+
+def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A megaolmo state_dict must hold exactly the tensors of an unsharded model of `config`."""
+    check_tensors(expected_shapes(config), state, source)
 
 
 def prepare_output_dir(path: Path) -> None:

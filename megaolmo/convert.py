@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import pickle
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,8 @@ from safetensors.torch import save_file
 
 from megaolmo.checkpoint import (
     CheckpointError,
-    check_state_dict,
+    check_tensors,
+    expected_shapes,
     load_consolidated,
     save_consolidated,
     write_atomically,
@@ -121,18 +121,12 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 def state_from_hf(config: ModelConfig, hf: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """megaolmo state_dict from transformers tensors: q/k/v fused into att_proj, [up | gate] into ff_proj."""
-    expected = hf_shapes(config)
-    for name, shape in expected.items():
-        if name not in hf:
-            raise ConversionError(f"{source}: tensor {name} is missing")
-        if tuple(hf[name].shape) != shape:
-            raise ConversionError(
-                f"{source}: tensor {name} has shape {tuple(hf[name].shape)} but config.json implies {shape}"
-            )
-    ignorable = {"lm_head.weight"} if config.weight_tying else set()
-    unexpected = sorted(n for n in set(hf) - set(expected) - ignorable if not n.endswith("rotary_emb.inv_freq"))
-    if unexpected:
-        raise ConversionError(f"{source}: unexpected tensors {unexpected[:5]}; is this an OLMo-1 model?")
+    tied_head = "lm_head.weight" if config.weight_tying else None  # transformers may or may not save it
+
+    def ignore(name: str) -> bool:
+        return name == tied_head or name.endswith("rotary_emb.inv_freq")
+
+    check_tensors(hf_shapes(config), hf, source, ignore)
     state = {"wte.weight": hf["model.embed_tokens.weight"]}
     for i in range(config.n_layers):
         hf_layer = f"model.layers.{i}"
@@ -360,28 +354,18 @@ def read_olmo_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state_from_olmo(config, tensors, str(path))
 
 
-_OLMO_BLOCK_WEIGHT = re.compile(r"transformer\.blocks\.(\d+)\.(att_proj|attn_out|ff_proj|ff_out)\.weight")
-
-
-def _name_from_olmo(name: str, source: str) -> str:
-    if name == "transformer.wte.weight":
-        return "wte.weight"
-    if name == "transformer.ff_out.weight":
-        return "head.linear.weight"
-    match = _OLMO_BLOCK_WEIGHT.fullmatch(name)
-    if match is None:
-        raise ConversionError(f"{source}: unexpected tensor {name}; is this an OLMo-1 checkpoint?")
-    return f"blocks.{match[1]}.{match[2]}.linear.weight"
+def _name_to_olmo(name: str) -> str:
+    if name == "head.linear.weight":
+        return "transformer.ff_out.weight"
+    return "transformer." + name.replace(".linear.weight", ".weight")
 
 
 def state_from_olmo(config: ModelConfig, olmo: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """megaolmo names from OLMo's (`transformer.wte`, `transformer.blocks.{i}.att_proj`, `transformer.ff_out`)."""
-    state = {_name_from_olmo(name, source): tensor for name, tensor in olmo.items()}
-    try:
-        check_state_dict(config, state, source)
-    except CheckpointError as err:
-        raise ConversionError(str(err)) from None
-    return state
+    shapes = expected_shapes(config)
+    ours_by_olmo_name = {_name_to_olmo(name): name for name in shapes}
+    check_tensors({_name_to_olmo(name): shape for name, shape in shapes.items()}, olmo, source)
+    return {ours_by_olmo_name[name]: tensor for name, tensor in olmo.items()}
 
 
 # ---------------------------------------------------------------------------------------------
