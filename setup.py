@@ -15,6 +15,7 @@ setup(
         "megaolmo",
         "megaolmo.model",
         "megaolmo.parallel",
+        "megaolmo.bench",
         "megaolmo.kernels",
     ],
     package_dir={"megaolmo.kernels": "kernels"},
@@ -25,7 +26,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.48", "tokenizers", "safetensors", "ruff"],
+        "test": ["pytest", "transformers>=4.48", "tokenizers", "safetensors", "ruff", "triton>=3.6,<3.10"],
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],
         "liger": ["liger-kernel"],

@@ -1,26 +1,58 @@
-"""Implementations of RoPE, SwiGLU and parameter-free LayerNorm, chosen by `model.kernels`.
+"""RoPE, SwiGLU and parameter-free LayerNorm: fused Triton kernels and their pure-torch twins.
 
-Every implementation offers the same three functions with the semantics of
-`reference` (the pure-torch twin): `layer_norm(x, eps)`, `swiglu(x)` and
-`apply_rope(q, k, cos, sin)`.
+Public API, each differentiable and each with the semantics of `reference`:
+
+- `layer_norm(x, eps=1e-5)`: LayerNorm over the last dim, no weight or bias, fp32 statistics.
+- `swiglu(x)`: `silu(gate) * up` for x = [..., 2F] laid out as OLMo's [up | gate].
+- `apply_rope(q, k, cos, sin)`: rotate_half RoPE of q and k in fp32, one launch.
+
+The Triton versions are imported on first use, so megaolmo imports (and runs
+with `kernels=torch`) where Triton is not installed. On CPU they run only under
+`TRITON_INTERPRET=1`, set before triton is imported.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from types import ModuleType
+from typing import Any
+
+import torch
 
 from megaolmo.kernels import reference
 from megaolmo.kernels.reference import rope_cos_sin
 
-IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": reference}
+BACKENDS = ("auto", "torch", "triton")
+_PUBLIC = ("layer_norm", "swiglu", "apply_rope")
 
 
-def get(backend: str) -> ModuleType:
-    """The module holding `layer_norm`, `swiglu` and `apply_rope` for a `model.kernels` value."""
-    try:
-        return IMPLEMENTATIONS[backend]
-    except KeyError:
-        raise ValueError(f"kernels={backend!r} is not one of {', '.join(IMPLEMENTATIONS)}") from None
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["IMPLEMENTATIONS", "get", "reference", "rope_cos_sin"]
+def resolve(backend: str, device: torch.device) -> str:
+    """The implementation that runs for `model.kernels=backend` on `device`: auto is triton on CUDA."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def get(backend: str, device: torch.device) -> ModuleType:
+    """The module holding `layer_norm`, `swiglu` and `apply_rope` for `model.kernels=backend` on `device`."""
+    if resolve(backend, device) == "torch":
+        return reference
+    if not triton_available():
+        raise RuntimeError("kernels=triton needs Triton: pip install triton, or set model.kernels=torch")
+    return importlib.import_module("megaolmo.kernels.fused")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(get("triton", torch.device("cuda")), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "apply_rope", "get", "layer_norm", "reference", "resolve", "rope_cos_sin", "swiglu"]

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
-KERNEL_BACKENDS = ("torch",)
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ModelConfig:
     eos_token_id: int = 0  # end-of-document token appended after every document (OLMo's tokenizer: 50279)
     pad_token_id: int = 1  # padding token (never trained on)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
-    kernels: str = "torch"  # implementation of RoPE, SwiGLU and LayerNorm (see megaolmo.kernels)
+    kernels: str = "auto"  # RoPE/SwiGLU/LayerNorm: triton (fused kernels) | torch (references) | auto (triton on CUDA)
 
     def __post_init__(self) -> None:
         self.validate()

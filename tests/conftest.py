@@ -1,9 +1,18 @@
-"""Shared test set-up: GPU-only tests are marked `gpu` and skipped where CUDA is absent."""
+"""Shared test set-up: GPU-only tests are marked `gpu` and skipped where CUDA is absent.
+
+Without CUDA, Triton kernels run through Triton's interpreter, which must be
+switched on before anything imports triton (transformers does).
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

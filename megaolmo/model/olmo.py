@@ -34,7 +34,7 @@ class LayerNorm(nn.Module):
         self.kernel_backend = kernel_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.get(self.kernel_backend).layer_norm(x, self.eps)
+        return kernels.get(self.kernel_backend, x.device).layer_norm(x, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, kernels={self.kernel_backend}"
@@ -86,12 +86,12 @@ class OLMoBlock(nn.Module):
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = (t.view(s, b, -1, self.head_dim) for t in qkv.split(self.qkv_sizes, dim=-1))
-        q, k = kernels.get(self.kernel_backend).apply_rope(q, k, cos, sin)
+        q, k = kernels.get(self.kernel_backend, q.device).apply_rope(q, k, cos, sin)
         out = causal_attention(q, k, v, self.attention_backend)
         return self.attn_out(out.reshape(s, b, -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ff_out(kernels.get(self.kernel_backend).swiglu(self.ff_proj(x)))
+        return self.ff_out(kernels.get(self.kernel_backend, x.device).swiglu(self.ff_proj(x)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), cos, sin)
@@ -104,6 +104,8 @@ class OLMo(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        if config.kernels == "triton" and not kernels.triton_available():
+            raise ConfigError("model.kernels=triton needs Triton: pip install triton, or set model.kernels=torch")
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.d_model)
         self.blocks = nn.ModuleList(OLMoBlock(config, i) for i in range(config.n_layers))
         self.ln_f = LayerNorm(config.layer_norm_eps, config.kernels)

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m megaolmo.bench kernels` (fused kernels against the alternatives)."""
