@@ -13,6 +13,7 @@ with `kernels=torch`) where Triton is not installed. On CPU they run only under
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -25,6 +26,12 @@ from megaolmo.kernels.reference import rope_cos_sin
 
 BACKENDS = ("auto", "torch", "triton")
 _PUBLIC = ("layer_norm", "swiglu", "apply_rope")
+
+
+@functools.lru_cache(maxsize=16)
+def rope_cos_sin_cached(seq_len: int, head_dim: int, theta: float, device: torch.device):
+    """cos/sin for positions 0..seq_len-1, computed once per (length, device) and shared by every block."""
+    return rope_cos_sin(torch.arange(seq_len, device=device), head_dim, theta)
 
 
 def triton_available() -> bool:
@@ -55,4 +62,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "apply_rope", "get", "layer_norm", "reference", "resolve", "rope_cos_sin", "swiglu"]
+__all__ = [
+    "BACKENDS",
+    "apply_rope",
+    "get",
+    "layer_norm",
+    "reference",
+    "resolve",
+    "rope_cos_sin",
+    "rope_cos_sin_cached",
+    "swiglu",
+]

@@ -124,6 +124,51 @@ class ModelConfig:
         return dataclasses.replace(MODEL_PRESETS[name], **overrides)
 
 
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class ParallelConfig:
+    """How a model is laid out over ranks: tensor (+ sequence), pipeline and data parallelism."""
+
+    tp: int = 1  # tensor-parallel degree (ranks of a TP group share every layer)
+    pp: int = 1  # pipeline-parallel degree (stages on different ranks)
+    dp: int | None = None  # data-parallel degree; None infers world_size // (tp * pp)
+    vp: int = 1  # virtual pipeline stages per pipeline rank (interleaved schedules)
+    sequence_parallel: bool = False  # split LayerNorm regions along the sequence across the TP group
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b (with vp > 1) | gpipe
+    pp_layer_split: list[int] | None = None  # blocks per stage (pp * vp entries); None splits evenly
+    reshard_after_forward: bool = True  # FSDP: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
+    activation_checkpointing: str = "none"  # none | full (per block) | selective (the attention core)
+    device: str = "auto"  # auto (cuda when available) | cuda | cpu
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "vp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer")
+        if self.dp is not None and (not isinstance(self.dp, int) or self.dp < 1):
+            raise ConfigError(f"parallel.dp={self.dp!r} must be a positive integer or null (inferred)")
+        if self.pp_schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(
+                f"parallel.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
+            )
+        interleaved = self.pp_schedule.startswith("interleaved")
+        if interleaved and self.vp < 2:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} needs parallel.vp >= 2 virtual stages")
+        if not interleaved and self.vp > 1:
+            raise ConfigError(f"parallel.vp={self.vp} needs an interleaved pp_schedule, not {self.pp_schedule}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(
+                f"parallel.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                f"{', '.join(ACTIVATION_CHECKPOINTING)}"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"parallel.device={self.device!r} is not one of {', '.join(DEVICES)}")
+
+
 def _olmo(**values: Any) -> ModelConfig:
     """OLMo's released sizes share its tokenizer (vocab 50280 padded to 50304, eos 50279) and a 2048 context."""
     base: dict[str, Any] = {

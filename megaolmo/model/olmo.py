@@ -9,20 +9,15 @@ sequence-parallel scatter and gather are contiguous along dim 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megaolmo import kernels
 from megaolmo.config import ConfigError, ModelConfig
-from megaolmo.parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    vocab_parallel_logits,
-)
+from megaolmo.model.init import init_parameters
+from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 class LayerNorm(nn.Module):
@@ -71,93 +66,112 @@ class OLMoBlock(nn.Module):
         self.attention_backend = config.attention
         self.clip_qkv = config.clip_qkv
         self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.activation_checkpointing = "none"  # none | full | selective, set by parallelize
         hd = config.head_dim
-        self.qkv_sizes = (config.n_heads * hd, config.kv_heads * hd, config.kv_heads * hd)
+        qkv_sizes = (config.n_heads * hd, config.kv_heads * hd, config.kv_heads * hd)
         self.attn_norm = LayerNorm(config.layer_norm_eps, config.kernels)
-        self.att_proj = ColumnParallelLinear(config.d_model, sum(self.qkv_sizes))
+        self.att_proj = ColumnParallelLinear(config.d_model, sum(qkv_sizes), partition_sizes=qkv_sizes)
         self.attn_out = RowParallelLinear(config.n_heads * hd, config.d_model)
         self.ff_norm = LayerNorm(config.layer_norm_eps, config.kernels)
-        self.ff_proj = ColumnParallelLinear(config.d_model, 2 * config.ffn_hidden_size)
-        self.ff_out = RowParallelLinear(config.ffn_hidden_size, config.d_model)
+        ffn = config.ffn_hidden_size
+        self.ff_proj = ColumnParallelLinear(config.d_model, 2 * ffn, partition_sizes=(ffn, ffn))
+        self.ff_out = RowParallelLinear(ffn, config.d_model)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        qkv = self.att_proj(x)
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.att_proj(x)  # [s, b, (q + k + v) of this rank's heads]; s is the whole sequence
+        s, b, _ = qkv.shape
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-        q, k, v = (t.view(s, b, -1, self.head_dim) for t in qkv.split(self.qkv_sizes, dim=-1))
+        q, k, v = (t.view(s, b, -1, self.head_dim) for t in qkv.split(self.att_proj.local_partition_sizes, dim=-1))
+        cos, sin = kernels.rope_cos_sin_cached(s, self.head_dim, self.rope_theta, q.device)
         q, k = kernels.get(self.kernel_backend, q.device).apply_rope(q, k, cos, sin)
-        out = causal_attention(q, k, v, self.attention_backend)
+        if self.activation_checkpointing == "selective":
+            out = checkpoint(causal_attention, q, k, v, self.attention_backend, use_reentrant=False)
+        else:
+            out = causal_attention(q, k, v, self.attention_backend)
         return self.attn_out(out.reshape(s, b, -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ff_out(kernels.get(self.kernel_backend, x.device).swiglu(self.ff_proj(x)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), cos, sin)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x))
         return x + self.mlp(self.ff_norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[s, b, d] -> [s, b, d] (s is this rank's sequence shard under sequence parallelism)."""
+        if self.activation_checkpointing == "full":
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
 
 class OLMo(nn.Module):
-    """OLMo-1: embedding, `n_layers` blocks, final LayerNorm, and a tied or separate output head."""
+    """OLMo-1: embedding, `n_layers` blocks, final LayerNorm, and a tied or separate output head.
+
+    A pipeline stage is an OLMo with the parts of other stages removed (`keep_stage`):
+    the first stage embeds token ids, the last one (with `ln_f`) returns logits,
+    and the others map hidden states to hidden states.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         if config.kernels == "triton" and not kernels.triton_available():
             raise ConfigError("model.kernels=triton needs Triton: pip install triton, or set model.kernels=torch")
-        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(OLMoBlock(config, i) for i in range(config.n_layers))
-        self.ln_f = LayerNorm(config.layer_norm_eps, config.kernels)
-        self.head = None if config.weight_tying else ColumnParallelLinear(config.d_model, config.padded_vocab_size)
+        self.wte: VocabParallelEmbedding | None = VocabParallelEmbedding(config.padded_vocab_size, config.d_model)
+        self.blocks = nn.ModuleDict({str(i): OLMoBlock(config, i) for i in range(config.n_layers)})
+        self.ln_f: LayerNorm | None = LayerNorm(config.layer_norm_eps, config.kernels)
+        self.head: ColumnParallelLinear | None = None
+        if not config.weight_tying:
+            self.head = ColumnParallelLinear(config.d_model, config.padded_vocab_size, sequence_dim=1)
 
-    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos/sin for positions 0..seq_len-1, computed once per forward and shared by every block."""
-        positions = torch.arange(seq_len, device=device)
-        return kernels.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    def keep_stage(self, blocks: range, first: bool, last: bool) -> None:
+        """Drop everything a pipeline stage holding `blocks` does not run (a tied last stage keeps wte)."""
+        for name in list(self.blocks):
+            if int(name) not in blocks:
+                del self.blocks[name]
+        if not first and not (last and self.config.weight_tying):
+            self.wte = None
+        if not last:
+            self.ln_f = self.head = None
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits over the padded vocabulary from the final hidden states."""
+        """Logits over (this rank's slice of) the padded vocabulary from [b, s, d] final hidden states."""
         if self.head is None:
-            return vocab_parallel_logits(x, self.wte.weight)
+            return self.wte.logits(x, sequence_dim=1)
         return self.head(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [batch, seq] (int64) -> logits [batch, seq, padded vocab]."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        seq_len = input_ids.shape[1]
-        if seq_len > self.config.max_sequence_length:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds model.max_sequence_length={self.config.max_sequence_length}"
-            )
-        x = self.wte(input_ids.t())  # [s, b, d]
-        cos, sin = self.rope(seq_len, x.device)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, seq] (int64) -> logits [batch, seq, padded vocab].
+
+        Inside a pipeline, a stage that does not embed takes and returns hidden states [s, b, d].
+        """
+        x = self.embed(inputs) if not inputs.is_floating_point() else inputs
+        for block in self.blocks.values():
+            x = block(x)
+        if self.ln_f is None:
+            return x
         # Back to [b, s, d] before the head, so the (vocab-wide) logits come out contiguous.
         return self.output_logits(self.ln_f(x).transpose(0, 1))
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_sequence_length:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds "
+                f"model.max_sequence_length={self.config.max_sequence_length}"
+            )
+        return self.wte(input_ids.t())  # [s, b, d]
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """OLMo's "mitchell" init: truncated normals at +-3 std, output projections scaled by depth."""
-        d_model = self.config.d_model
-        ffn = self.config.ffn_hidden_size
-        _trunc_normal(self.wte.weight, d_model**-0.5)
-        for i, block in enumerate(self.blocks):
-            _trunc_normal(block.att_proj.weight, d_model**-0.5)
-            _trunc_normal(block.ff_proj.weight, d_model**-0.5)
-            _trunc_normal(block.attn_out.weight, 1 / math.sqrt(2 * d_model * (i + 1)))
-            _trunc_normal(block.ff_out.weight, 1 / math.sqrt(2 * ffn * (i + 1)))
-        if self.head is not None:
-            _trunc_normal(self.head.weight, d_model**-0.5)
+    def init_weights(self, seed: int = 0) -> None:
+        """OLMo's "mitchell" init, the same values for the same seed whatever the parallel layout."""
+        init_parameters(self, self.config, seed)
 
 
-def _trunc_normal(weight: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
-
-
-def build_model(config: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> OLMo:
+def build_model(config: ModelConfig, device: str | torch.device = "cpu", init: bool = True, seed: int = 0) -> OLMo:
     """Construct without allocating (meta device), then materialize on `device` and initialize once.
 
     On `device="meta"` nothing is allocated, which is how the 65B/70B shapes are
@@ -169,5 +183,5 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", init: b
     if device.type != "meta":
         model.to_empty(device=device)
         if init:
-            model.init_weights()
+            model.init_weights(seed)
     return model

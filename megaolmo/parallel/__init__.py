@@ -1,10 +1,17 @@
-"""Parallel layers and (later) the mesh authority; knows nothing of OLMo."""
+"""Parallelism that knows nothing of OLMo: the mesh authority, TP layers, pipeline stages, FSDP wrapping."""
 
 from megaolmo.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    TensorParallel,
     VocabParallelEmbedding,
-    vocab_parallel_logits,
+    tensor_parallel_layers,
 )
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_logits"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "TensorParallel",
+    "VocabParallelEmbedding",
+    "tensor_parallel_layers",
+]

@@ -1,0 +1,95 @@
+"""The one mesh authority: degrees, rank order, the DeviceMesh and every process group.
+
+Ranks follow Megatron's order, TP fastest, then DP, then PP, so a TP group sits
+inside a node: rank = (pp_rank * dp + dp_rank) * tp + tp_rank. Nothing else in
+megaolmo creates process groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megaolmo.config import ConfigError, ParallelConfig
+
+
+def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree, inferred from the world size when not given; checked against it."""
+    model_parallel = parallel.tp * parallel.pp
+    dp = parallel.dp if parallel.dp is not None else world_size // model_parallel
+    if dp < 1 or model_parallel * dp != world_size:
+        raise ConfigError(
+            f"world size {world_size} is not parallel.tp={parallel.tp} x parallel.pp={parallel.pp} x "
+            f"parallel.dp={parallel.dp if parallel.dp is not None else 'inferred'}; launch "
+            f"{model_parallel * max(dp, 1)} ranks or change the degrees"
+        )
+    return dp
+
+
+def device_type(parallel: ParallelConfig) -> str:
+    """cuda with NCCL when a GPU is there (or asked for), cpu with gloo otherwise."""
+    if parallel.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if parallel.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device=cuda but no CUDA GPU is visible; use parallel.device=cpu or auto")
+    return parallel.device
+
+
+class ParallelMesh:
+    """Degrees, this rank's coordinates, the DeviceMesh ("pp", "dp", "tp") and its groups.
+
+    Without an initialized process group (one process, all degrees 1) there are
+    no groups: every `*_group` is None and the parallel layers stay local.
+    """
+
+    def __init__(self, parallel: ParallelConfig) -> None:
+        self.config = parallel
+        self.device_type = device_type(parallel)
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        self.tp, self.pp, self.vp = parallel.tp, parallel.pp, parallel.vp
+        self.dp = resolve_dp(parallel, world_size)
+        self.device_mesh: DeviceMesh | None = None
+        self.tp_group = self.dp_group = self.pp_group = None
+        self.embedding_group: ProcessGroup | None = None
+        self.tp_rank = self.dp_rank = self.pp_rank = 0
+        if distributed:
+            self.device_mesh = init_device_mesh(
+                self.device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
+            )
+            self.tp_group = self.device_mesh.get_group("tp")
+            self.dp_group = self.device_mesh.get_group("dp")
+            self.pp_group = self.device_mesh.get_group("pp")
+            self.tp_rank = self.device_mesh.get_local_rank("tp")
+            self.dp_rank = self.device_mesh.get_local_rank("dp")
+            self.pp_rank = self.device_mesh.get_local_rank("pp")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        return None if self.device_mesh is None else self.device_mesh["dp"]
+
+    def build_embedding_group(self) -> ProcessGroup | None:
+        """Pairs (first stage, last stage) at equal (dp, tp) coordinates, for summing the gradients of a
+        weight both ends of the pipeline hold (a tied embedding). Every rank must call this, in step."""
+        if self.device_mesh is None or self.pp == 1:
+            return None
+        ranks = self.device_mesh.mesh  # [pp, dp, tp] -> global rank
+        for dp_rank in range(self.dp):
+            for tp_rank in range(self.tp):
+                pair = [int(ranks[0, dp_rank, tp_rank]), int(ranks[-1, dp_rank, tp_rank])]
+                group = dist.new_group(pair)
+                if dist.get_rank() in pair:
+                    self.embedding_group = group
+        return self.embedding_group

@@ -1,0 +1,79 @@
+"""Pipeline parallelism: which blocks each stage holds, stage placement, and the schedules.
+
+The schedules themselves are `torch.distributed.pipelining`'s. Stage i of
+pp * vp runs on pipeline rank i % pp, so with virtual stages (interleaved
+schedules) every rank holds vp non-adjacent slices of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from megaolmo.config import ConfigError
+
+SCHEDULES = {
+    "1f1b": Schedule1F1B,
+    "gpipe": ScheduleGPipe,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+}
+
+
+def stage_layer_ranges(n_layers: int, n_stages: int, split: list[int] | None = None) -> list[range]:
+    """The blocks of each stage: an even split, or `split[i]` blocks for stage i."""
+    if split is None:
+        if n_layers % n_stages:
+            raise ConfigError(
+                f"model.n_layers={n_layers} does not divide into {n_stages} pipeline stages (pp x vp); "
+                "change the degrees or give parallel.pp_layer_split"
+            )
+        split = [n_layers // n_stages] * n_stages
+    if len(split) != n_stages or sum(split) != n_layers or min(split) < 1:
+        raise ConfigError(
+            f"parallel.pp_layer_split={split} must have {n_stages} entries (pp x vp), each >= 1, "
+            f"summing to model.n_layers={n_layers}"
+        )
+    starts = [sum(split[:i]) for i in range(n_stages)]
+    return [range(start, start + count) for start, count in zip(starts, split)]
+
+
+def stages_of_rank(pp_rank: int, pp: int, vp: int) -> list[int]:
+    """The global stage indices pipeline rank `pp_rank` runs (one per virtual stage)."""
+    return [pp_rank + v * pp for v in range(vp)]
+
+
+def build_schedule(
+    name: str,
+    modules: list[nn.Module],
+    stage_ids: list[int],
+    n_stages: int,
+    device: torch.device,
+    group: ProcessGroup,
+    example_inputs: list[torch.Tensor],
+    example_outputs: list[torch.Tensor],
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+):
+    """A `torch.distributed.pipelining` schedule over this rank's stage modules.
+
+    Example tensors (one micro-batch) fix the shapes sent between stages up
+    front, so no shape-inference pass runs the model. Gradients are not scaled
+    by the schedule: `loss_fn` already divides by the tokens of the whole batch.
+    """
+    stages = [
+        PipelineStage(module, stage_id, n_stages, device, input_args=inputs, output_args=outputs, group=group)
+        for module, stage_id, inputs, outputs in zip(modules, stage_ids, example_inputs, example_outputs)
+    ]
+    schedule_class = SCHEDULES[name]
+    if name == "interleaved_1f1b":
+        return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

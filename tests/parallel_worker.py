@@ -1,0 +1,110 @@
+"""Runs training steps under many parallel layouts in one set of spawned CPU (gloo) ranks.
+
+Spawning 8 Python processes costs more than most layouts take to test, so the
+ranks are spawned once and, for each layout, the first tp*pp*dp of them form a
+fresh process group (a FileStore per layout), train, write their results, and
+tear the group down. A layout that fails records its error and the next runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaolmo.config import ModelConfig, ParallelConfig
+from megaolmo.model.parallelize import ParallelOLMo, validate_layout
+
+GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
+MODELS = {
+    # vocab 1030 is not divisible by tp: the embedding pads to a multiple of 128 x tp.
+    "tied": ModelConfig(
+        d_model=64, n_layers=4, n_heads=4, ffn_hidden_size=96, vocab_size=1030, max_sequence_length=SEQ_LEN,
+        weight_tying=True, kernels="torch",
+    ),
+    "untied_gqa": ModelConfig(
+        d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_size=96, vocab_size=1030,
+        max_sequence_length=SEQ_LEN, weight_tying=False, clip_qkv=0.5, kernels="torch",
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Layout:
+    name: str
+    model: str
+    parallel: dict = field(default_factory=dict)
+    micro_batch_size: int = 1
+    z_loss: float = 1e-3
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return p.get("tp", 1) * p.get("pp", 1) * p.get("dp", 1)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(device="cpu", **self.parallel)
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(0, 1030, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = -100  # no target for the last position
+    return input_ids, labels
+
+
+def train(layout: Layout, config: ModelConfig) -> dict:
+    """STEPS AdamW steps on the global batch; losses, norms, first-step gradients and final parameters."""
+    model = ParallelOLMo(config, layout.parallel_config(), seed=7, z_loss_multiplier=layout.z_loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    input_ids, labels = global_batch()
+    share = GLOBAL_BATCH // model.mesh.dp
+    rows = slice(model.mesh.dp_rank * share, (model.mesh.dp_rank + 1) * share)
+    record: dict = {"ce": [], "z": [], "grad_norm": []}
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        losses = model.forward_backward(input_ids[rows], labels[rows], layout.micro_batch_size)
+        if step == 0:
+            record["grads"] = model.full_tensors(grads=True)
+        record["grad_norm"].append(model.clip_grad_norm_(MAX_GRAD_NORM))
+        optimizer.step()
+        record["ce"].append(losses.ce)
+        record["z"].append(losses.z)
+    record["params"] = model.full_tensors()
+    record["padded_vocab"] = model.config.padded_vocab_size
+    return record
+
+
+def reference(layout: Layout) -> dict:
+    """The same training in this process, with no process group, at the layout's padded vocabulary."""
+    config = validate_layout(MODELS[layout.model], layout.parallel_config(), layout.world_size)
+    return train(Layout("single", layout.model, {}, micro_batch_size=GLOBAL_BATCH, z_loss=layout.z_loss), config)
+
+
+def run_layouts(rank: int, n_procs: int, layouts: list[dict], out_dir: str) -> None:
+    """Entry point of each spawned rank."""
+    torch.set_num_threads(1)
+    for spec in layouts:
+        layout = Layout(**spec)
+        if rank >= layout.world_size:
+            continue
+        target = Path(out_dir) / layout.name
+        target.mkdir(parents=True, exist_ok=True)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{target / 'store'}",
+            rank=rank,
+            world_size=layout.world_size,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        try:
+            torch.save(train(layout, MODELS[layout.model]), target / f"rank{rank}.pt")
+        except Exception:  # noqa: BLE001 - the test reading this layout reports it; the next layout still runs
+            (target / f"rank{rank}.error").write_text(traceback.format_exc())
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from parallel_worker import Layout, reference, run_layouts
+
+N_PROCS = 8
+
+
+def _layouts() -> list[Layout]:
+    layouts = []
+    for tp in (1, 2, 4):
+        for pp in (1, 2, 4):
+            for dp in (1, 2, 4):
+                if tp * pp * dp > 8 or tp * pp * dp == 1:
+                    continue
+                model = "tied" if (tp + pp + dp) % 2 else "untied_gqa"
+                micro = 2 if pp == 1 and dp < 4 else 1  # gradient accumulation without PP, micro-batches with it
+                layouts.append(Layout(f"tp{tp}_pp{pp}_dp{dp}", model, {"tp": tp, "pp": pp, "dp": dp}, micro))
+    extra = [
+        Layout("tp2_sp", "tied", {"tp": 2, "sequence_parallel": True}, 2),
+        Layout("tp4_sp_untied", "untied_gqa", {"tp": 4, "sequence_parallel": True}, 2),
+        Layout("tp2_pp2_dp2_sp_tied", "tied", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True}),
+        Layout("tp2_pp2_dp2_sp_untied", "untied_gqa", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True}),
+        Layout("pp2_vp2_dp2_interleaved", "tied", {"pp": 2, "dp": 2, "vp": 2, "pp_schedule": "interleaved_1f1b"}),
+        Layout(
+            "tp2_pp2_vp2_sp_interleaved",
+            "untied_gqa",
+            {"tp": 2, "pp": 2, "vp": 2, "pp_schedule": "interleaved_1f1b", "sequence_parallel": True},
+        ),
+        Layout("pp2_gpipe_uneven", "untied_gqa", {"pp": 2, "pp_schedule": "gpipe", "pp_layer_split": [1, 3]}),
+        Layout("tp2_dp2_zero2_full_ckpt", "tied", {"tp": 2, "dp": 2, "reshard_after_forward": False,
+                                                    "activation_checkpointing": "full"}, 2),
+        Layout("tp2_sp_pp2_selective_ckpt", "tied", {"tp": 2, "pp": 2, "sequence_parallel": True,
+                                                      "activation_checkpointing": "selective"}),
+    ]  # fmt: skip
+    return layouts + extra
+
+
+LAYOUTS = _layouts()
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run every layout once, in one spawn of 8 ranks; the tests below read the results."""
+    out = tmp_path_factory.mktemp("parallel")
+    specs = [dataclasses.asdict(layout) for layout in LAYOUTS]
+    mp.spawn(run_layouts, args=(N_PROCS, specs, str(out)), nprocs=N_PROCS, join=True)
+    return out
+
+
+_references: dict[tuple, dict] = {}
+
+
+def reference_for(layout: Layout) -> dict:
+    key = (layout.model, layout.parallel.get("tp", 1))  # the padded vocabulary depends on tp
+    if key not in _references:
+        _references[key] = reference(layout)
+    return _references[key]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.name for layout in LAYOUTS])
+def test_layout_matches_one_process(layout: Layout, matrix: Path) -> None:
+    directory = matrix / layout.name
+    errors = sorted(directory.glob("*.error"))
+    assert not errors, errors[0].read_text()
+    results = [torch.load(directory / f"rank{r}.pt") for r in range(layout.world_size)]
+    expected = reference_for(layout)
+    for result in results:
+        for key in ("ce", "z", "grad_norm"):
+            for got, want in zip(result[key], expected[key]):
+                assert abs(got - want) <= 1e-5 * abs(want), (key, result[key], expected[key])
+    seen = set()
+    for result in results:
+        for name, grad in result["grads"].items():
+            assert rel(grad, expected["grads"][name]) < 1e-5, name
+        for name, param in result["params"].items():
+            assert (param - expected["params"][name]).abs().max().item() < 1e-4, name
+        seen |= set(result["params"])
+    assert seen == set(expected["params"]), "some parameters live on no rank"
