@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-
 # Renamed in torch 2.13; the old names still exist there, deprecated.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
