@@ -26,7 +26,15 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.48", "tokenizers", "safetensors", "ruff", "triton>=3.6,<3.10"],
+        "test": [
+            "pytest",
+            "transformers>=4.48",
+            "tokenizers",
+            "safetensors",
+            "ruff",
+            "triton>=3.6,<3.10",
+            "megatron-core",
+        ],
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],
         "liger": ["liger-kernel"],

@@ -23,7 +23,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, group, ignore_index):
         ctx.logits_dtype = logits.dtype
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
         row_max = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - row_max.unsqueeze(-1)
         local = labels - vocab_start

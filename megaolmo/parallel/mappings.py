@@ -4,7 +4,6 @@
     reduce_from_tp              forward: all-reduce      backward: identity
     gather_from_sequence        forward: all-gather(seq) backward: reduce-scatter(seq)
     reduce_scatter_to_sequence  forward: reduce-scatter  backward: all-gather(seq)
-    scatter_to_sequence         forward: split(seq)      backward: all-gather(seq)
 
 "seq" is a chosen dim (0 for the [seq, batch, hidden] activations of the stack).
 With a group of size 1 every mapping is the identity.
@@ -51,14 +50,6 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tens
     return out.movedim(0, dim)
 
 
-def split(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    """This rank's slice of x along `dim` (no communication)."""
-    world = _size(group)
-    if x.shape[dim] % world:
-        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the {world} ranks")
-    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
-
-
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -102,17 +93,6 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return all_gather(grad, ctx.group, ctx.dim), None, None
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.group, ctx.dim), None, None
-
-
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Enter a TP region: every rank uses all of x; the gradients of the ranks are summed."""
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
@@ -131,8 +111,3 @@ def gather_from_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int =
 def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 0) -> torch.Tensor:
     """Partial sums over the whole sequence to summed sequence shards (after a row-parallel linear)."""
     return x if _size(group) == 1 else _ReduceScatterToSequence.apply(x, group, dim)
-
-
-def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 0) -> torch.Tensor:
-    """A replicated tensor to this rank's sequence shard."""
-    return x if _size(group) == 1 else _ScatterToSequence.apply(x, group, dim)

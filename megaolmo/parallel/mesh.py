@@ -7,6 +7,8 @@ megaolmo creates process groups.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -55,6 +57,8 @@ class ParallelMesh:
         self.tp_group = self.dp_group = self.pp_group = None
         self.embedding_group: ProcessGroup | None = None
         self.tp_rank = self.dp_rank = self.pp_rank = 0
+        if self.device_type == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank, as torchrun numbers them
         if distributed:
             self.device_mesh = init_device_mesh(
                 self.device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
