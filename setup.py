@@ -16,6 +16,7 @@ setup(
         "megaolmo.model",
         "megaolmo.parallel",
         "megaolmo.bench",
+        "megaolmo.data",
         "megaolmo.kernels",
     ],
     package_dir={"megaolmo.kernels": "kernels"},
@@ -24,6 +25,11 @@ setup(
         "numpy",
         "safetensors",
         "pyyaml",
+        "hydra-core>=1.3.2",
+        "tokenizers",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "test": [

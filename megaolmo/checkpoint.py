@@ -70,19 +70,26 @@ def prepare_output_dir(path: Path) -> None:
 
 
 def commit_directory(tmp: Path, path: Path) -> None:
-    """Move a fully written temporary directory to its final name in one rename."""
+    """Move a fully written temporary directory to its final name; an existing one is replaced only after
+    the new one is complete, so a crash leaves the old or the new checkpoint, never neither."""
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
-        path.rmdir()  # empty, checked by prepare_output_dir
+        os.rename(path, old)
     os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind."""
+def write_atomically(path: Path, write, overwrite: bool = False) -> None:
+    """Call `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind.
+
+    Without `overwrite` an existing non-empty `path` is refused before anything is written.
+    """
     path = Path(path)
-    prepare_output_dir(path)
+    if not overwrite:
+        prepare_output_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,7 +102,9 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
-def save_consolidated(path: str | Path, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
+def save_consolidated(
+    path: str | Path, config: ModelConfig, state: Mapping[str, torch.Tensor], overwrite: bool = False
+) -> None:
     """Write a consolidated checkpoint of an unsharded state_dict (validated against `config` first)."""
     check_state_dict(config, state, "state to save")
     header = {"format": CONSOLIDATED_FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
@@ -105,7 +114,7 @@ def save_consolidated(path: str | Path, config: ModelConfig, state: Mapping[str,
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
 
-    write_atomically(Path(path), write)
+    write_atomically(Path(path), write, overwrite)
 
 
 def read_config(path: str | Path) -> ModelConfig:

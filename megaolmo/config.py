@@ -8,8 +8,11 @@ process group exists, and fails with one line that names the bad value.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -118,10 +121,20 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named OLMo size (see MODEL_PRESETS), optionally with fields overridden."""
-        if name not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
-        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+        """A named OLMo size (conf/model/NAME.yaml, the same files Hydra composes), with fields overridden."""
+        path = CONF_DIR / "model" / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(model_presets())}")
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        return cls(**{**values, **overrides})
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def model_presets() -> list[str]:
+    """Names of the model presets in conf/model/."""
+    return sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
@@ -169,32 +182,92 @@ class ParallelConfig:
             raise ConfigError(f"parallel.device={self.device!r} is not one of {', '.join(DEVICES)}")
 
 
-def _olmo(**values: Any) -> ModelConfig:
-    """OLMo's released sizes share its tokenizer (vocab 50280 padded to 50304, eos 50279) and a 2048 context."""
-    base: dict[str, Any] = {
-        "vocab_size": 50280,
-        "embedding_size": 50304,
-        "max_sequence_length": 2048,
-        "eos_token_id": 50279,
-    }
-    base.update(values)
-    return ModelConfig(**base)
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules, with OLMo's defaults (OLMo-1B)."""
+
+    lr: float = 4e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-5  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay
+    decay_embeddings: bool = False  # OLMo-1B/7B exempt the embedding from weight decay; 65B/70B decay it
+    scheduler: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 2000  # linear warmup from warmup_start x lr to lr
+    warmup_start: float = 0.1  # OLMo's warmup starts at 0.1 x lr, not at 0
+    alpha_f: float = 0.1  # final learning rate as a fraction of lr (cosine and linear)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables clipping
+    clip_warmup_steps: int = 0  # during the first steps clip at max_grad_norm x clip_warmup_factor
+    clip_warmup_factor: float = 1.0  # see clip_warmup_steps
+    fused: bool | None = None  # torch's fused AdamW; null: on CUDA only
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.scheduler={self.scheduler!r} is not one of cosine, linear, constant")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
 
 
-MODEL_PRESETS: dict[str, ModelConfig] = {
-    # Trains on two CPU cores in minutes; vocabulary of the built-in corpus tokenizer.
-    "olmo_tiny": ModelConfig(),
-    "olmo_1b": _olmo(d_model=2048, n_layers=16, n_heads=16, ffn_hidden_size=8192, weight_tying=True),
-    "olmo_7b": _olmo(d_model=4096, n_layers=32, n_heads=32, ffn_hidden_size=11008, weight_tying=False),
-    "olmo_65b": _olmo(d_model=8192, n_layers=80, n_heads=64, ffn_hidden_size=22016, weight_tying=False),
-    "olmo_70b": _olmo(
-        d_model=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        ffn_hidden_size=28672,
-        weight_tying=False,
-        clip_qkv=8.0,
-        max_sequence_length=4096,
-    ),
-}
+@dataclass
+class DataConfig:
+    """Token memmaps to train on; with no paths, the built-in corpus (the Python standard library)."""
+
+    paths: list[str] = field(default_factory=list)  # token memmaps (files or directories); empty: built-in
+    valid_paths: list[str] = field(default_factory=list)  # held-out memmaps, one per source, for in-loop eval
+    tokenizer: str | None = None  # tokenizer JSON the model expects; the data's fingerprint must match
+    dtype: str | None = None  # memmap dtype for files without metadata.json (OLMo's own: uint16)
+    builtin_vocab_size: int = 4096  # vocabulary of the built-in corpus's BPE tokenizer
+    cache_dir: str | None = None  # where the built-in corpus is prepared (default ~/.cache/megaolmo)
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: how many steps on how large batches, precision, logging, evaluation, saving."""
+
+    max_steps: int = 600  # optimizer steps; defines the LR schedule
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    seq_len: int | None = None  # tokens per sequence; null: the model's max_sequence_length
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and gradient reduction)
+    seed: int = 0  # model init and data order
+    run_dir: str = "${hydra:runtime.output_dir}"  # metrics, plots and weights; shared by every rank
+    save_interval: int | None = None  # also write consolidated weights every N steps; null: at the end only
+    eval_interval: int = 100  # evaluate on the held-out split every N steps (0 disables)
+    eval_batches: int = 8  # micro-batches per source per evaluation
+    log_interval: int = 10  # write metrics every N steps
+    z_loss: float = 0.0  # z-loss multiplier (OLMo-2 uses 1e-5)
+    nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the step | stop the run
+    progress: bool = True  # a progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard scalars under run_dir/tensorboard
+    wandb_project: str | None = None  # also log to Weights & Biases (needs wandb installed)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"trainer.precision={self.precision!r} is not one of fp32, bf16")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"trainer.nonfinite={self.nonfinite!r} is not one of skip, stop")
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass
+class ClusterConfig:
+    """The machines: what a device can do (for MFU) and how many there are."""
+
+    name: str = "local_cpu"  # a label for logs
+    device_name: str | None = None  # e.g. H100-SXM; null: whatever torch reports
+    peak_tflops: float | None = None  # dense bf16 (fp32 on CPU) TFLOP/s per device; null: measured at start
+    gpus_per_node: int = 0  # 0 on CPU-only machines
+    nodes: int = 1  # machines in the job
+
+
+@dataclass
+class Config:
+    """Everything one training run needs; composed by Hydra from conf/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megaolmo import ConfigError, ModelConfig, build_model
-from megaolmo.config import MODEL_PRESETS
+from megaolmo.config import model_presets
 
 # Parameter counts published for OLMo (OLMO_REFERENCE.md).
 PUBLISHED_PARAMS = {"olmo_1b": 1.18e9, "olmo_7b": 6.89e9, "olmo_65b": 65.6e9, "olmo_70b": 69.3e9}
@@ -38,7 +38,7 @@ def test_presets_match_the_reference_architecture() -> None:
     assert not ModelConfig.preset("olmo_7b").weight_tying
     seventy = ModelConfig.preset("olmo_70b")
     assert (seventy.kv_heads, seventy.clip_qkv, seventy.max_sequence_length) == (8, 8.0, 4096)
-    assert set(MODEL_PRESETS) == {"olmo_tiny", "olmo_1b", "olmo_7b", "olmo_65b", "olmo_70b"}
+    assert model_presets() == ["olmo_1b", "olmo_65b", "olmo_70b", "olmo_7b", "olmo_tiny"]
     for name in PUBLISHED_PARAMS:
         config = ModelConfig.preset(name)
         assert (config.eos_token_id, config.pad_token_id, config.rope_theta) == (50279, 1, 10000.0)

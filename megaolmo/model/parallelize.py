@@ -224,13 +224,45 @@ class ParallelOLMo:
             self._sum_tied_gradients()
         return self._reduce_losses()
 
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> tuple[float, int]:
+        """Summed cross entropy and target-token count of this DP rank's share, summed over DP. Forward only."""
+        n_microbatches = self.check_batch(input_ids, micro_batch_size)
+        input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
+        self._normalizer = 1.0
+        self._loss_sums = []
+        if self.parallel.pp == 1:
+            (stage,) = self.stages
+            for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
+                with self._autocast():
+                    self._loss(stage(ids), target)
+        else:
+            schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
+            first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
+            schedule.eval(*((input_ids,) if first else ()), target=labels if last else None)
+        tokens = (labels != self.ignore_index).sum()
+        sums = torch.stack(self._loss_sums).sum(0) if self._loss_sums else torch.zeros(2, device=self.mesh.device)
+        for group in (self.mesh.pp_group, self.mesh.dp_group):
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+        if self.mesh.dp_group is not None:
+            dist.all_reduce(tokens, group=self.mesh.dp_group)
+        return sums[0].item(), int(tokens)
+
+    def _autocast(self):
+        """Mixed precision for a single process (FSDP's policy does it when sharded)."""
+        enabled = self.mesh.dp_mesh is None and self.param_dtype != torch.float32
+        return torch.autocast(self.mesh.device.type, dtype=self.param_dtype, enabled=enabled)
+
     def _accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> None:
         (stage,) = self.stages
         chunks = list(zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)))
         for i, (ids, target) in enumerate(chunks):
             if self.mesh.dp_mesh is not None:
                 stage.set_requires_gradient_sync(i == len(chunks) - 1)  # reduce-scatter once, after the last
-            self._loss(stage(ids), target).backward()
+            with self._autocast():
+                loss = self._loss(stage(ids), target)
+            loss.backward()
 
     def _sum_tied_gradients(self) -> None:
         """A tied embedding lives on the first and last stage: both copies take the sum of their gradients."""
@@ -253,6 +285,18 @@ class ParallelOLMo:
         counted = [p for p in self.parameters() if p is not self.tied_replica]
         replicas = [self.tied_replica] if self.tied_replica is not None else []
         return clip_grad_norm_(counted, max_norm, replicas).item()
+
+    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's unsharded state_dict on global rank 0 (None elsewhere). Collective."""
+        state = self.full_tensors()
+        if not dist.is_initialized():
+            return state
+        representative = self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(state if representative else {}, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        return {name: tensor for part in gathered for name, tensor in part.items()}
 
     @torch.no_grad()
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -1,0 +1,39 @@
+"""The data pipeline: Dolma documents -> tokenized memmaps (OLMo's format) -> deterministic global batches.
+
+prepare(...) / python -m megaolmo.data.prepare   Dolma files -> <out>/*.npy + metadata.json + tokenizer.json
+builtin_corpus()                                  the Python standard library, prepared once and cached
+MemmapDataset(paths, seq_len)                     fixed-length instances, OLMo's rule
+GlobalBatches(dataset, global_batch_size, seed)   batch(step): the same rows whatever the parallel layout
+"""
+
+import warnings
+
+# `python -m megaolmo.data.prepare` runs a module this package has already imported (to re-export prepare());
+# runpy warns about that. It is harmless: the CLI hands over to the imported module (see prepare.py's end).
+warnings.filterwarnings("ignore", message="'megaolmo.data.prepare' found in sys.modules", category=RuntimeWarning)
+
+from megaolmo.data.corpus import BuiltinCorpus, builtin_corpus
+from megaolmo.data.dataset import GlobalBatches, MemmapDataset, check_compatible, global_order
+from megaolmo.data.dolma import iter_documents
+from megaolmo.data.errors import DataError
+from megaolmo.data.metadata import read_metadata, token_dtype
+from megaolmo.data.prepare import prepare
+from megaolmo.data.tokenizer import eos_id, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+
+__all__ = [
+    "BuiltinCorpus",
+    "DataError",
+    "GlobalBatches",
+    "MemmapDataset",
+    "builtin_corpus",
+    "check_compatible",
+    "eos_id",
+    "global_order",
+    "iter_documents",
+    "load_tokenizer",
+    "prepare",
+    "read_metadata",
+    "token_dtype",
+    "tokenizer_fingerprint",
+    "train_bpe_tokenizer",
+]

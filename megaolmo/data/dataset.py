@@ -1,0 +1,281 @@
+"""Token memmaps -> fixed-length instances -> global batches in a layout-independent order.
+
+OLMo's rules, so OLMo's own memmaps read unchanged: instance i of a file is tokens[i*L:(i+1)*L]
+(trailing tokens that do not fill an instance are dropped, instances cross document boundaries),
+the instances of all files are concatenated in path order, and epoch e visits them in the order
+`PCG64(seed + e).permutation(n)`. Unlike OLMo, which strides that order by rank, a global batch is
+a contiguous slice of it and each data-parallel rank takes a contiguous block of rows, so the data
+seen at every step is the same whatever the TP/PP/DP layout, and a run can resume on another one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megaolmo.data.errors import DataError
+from megaolmo.data.metadata import METADATA_FILE, read_metadata
+from megaolmo.data.tokenizer import tokenizer_fingerprint as fingerprint_of
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+
+
+def _token_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Memmap files in order; a directory stands for its `*.npy` files, sorted."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("*.npy"))
+            if not found:
+                raise DataError(f"{path}: no token files (*.npy) in this directory; prepare the data first")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"token file {path} does not exist; check the data paths")
+    if not files:
+        raise DataError("no token files given; pass at least one memmap path")
+    return files
+
+
+def _file_dtype(path: Path, dtype: np.dtype | str | None, metadata: dict | None) -> np.dtype:
+    """The token dtype of `path`: from metadata.json beside it, else the caller's; they must agree."""
+    given = None
+    if dtype is not None:
+        try:
+            given = np.dtype(dtype)
+        except TypeError:
+            raise DataError(f"dtype {dtype!r} is not a numpy dtype; use one of {', '.join(TOKEN_DTYPES)}") from None
+        if given.name not in TOKEN_DTYPES:
+            raise DataError(f"dtype {given.name} cannot hold token ids; use one of {', '.join(TOKEN_DTYPES)}")
+    if metadata is None:
+        if given is None:
+            raise DataError(
+                f"{path} has no {METADATA_FILE} beside it: pass dtype for memmaps without metadata.json "
+                "(uint16 for a vocab under 65536, else uint32)"
+            )
+        return given
+    recorded = np.dtype(metadata["dtype"])
+    if given is not None and given != recorded:
+        raise DataError(f"{path}: dtype {given.name} was passed but {METADATA_FILE} says {recorded.name}; drop dtype")
+    return recorded
+
+
+class MemmapDataset:
+    """Fixed-length instances over raw token memmaps (OLMo's layout); items are int64 tensors [seq_len]."""
+
+    def __init__(self, paths: Sequence[str | Path], seq_len: int, dtype: np.dtype | str | None = None) -> None:
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise DataError(f"seq_len={seq_len!r} must be a positive integer")
+        self.seq_len = seq_len
+        self.paths = _token_files(paths)
+        metadata: dict[Path, dict | None] = {}
+        self.dtypes: list[np.dtype] = []
+        tokens: list[int] = []
+        text_bytes: list[int | None] = []
+        for path in self.paths:
+            if path.parent not in metadata:
+                metadata[path.parent] = read_metadata(path.parent)
+            meta = metadata[path.parent]
+            file_dtype = _file_dtype(path, dtype, meta)
+            size = path.stat().st_size
+            if size % file_dtype.itemsize:
+                raise DataError(
+                    f"{path}: {size} bytes is not a whole number of {file_dtype.name} tokens "
+                    f"({file_dtype.itemsize} bytes each); wrong dtype or a truncated file"
+                )
+            n_tokens = size // file_dtype.itemsize
+            entry = ((meta or {}).get("files") or {}).get(path.name, {})
+            recorded = entry.get("tokens")
+            if recorded is not None and recorded != n_tokens:
+                raise DataError(
+                    f"{path}: {n_tokens} tokens but {METADATA_FILE} records {recorded}; the file is damaged, "
+                    "prepare it again"
+                )
+            self.dtypes.append(file_dtype)
+            tokens.append(n_tokens)
+            text_bytes.append(entry.get("bytes"))
+        self.tokens_per_file = tokens
+        # UTF-8 bytes of text per token (EOS included), for bits per byte; None without metadata to say it
+        known = None not in text_bytes and sum(tokens) > 0
+        self.bytes_per_token: float | None = sum(text_bytes) / sum(tokens) if known else None
+        self.instances_per_file = [n // seq_len for n in tokens]
+        self._starts = np.concatenate([[0], np.cumsum(self.instances_per_file)]).astype(np.int64)
+        self._maps: list[np.memmap | None] = [None] * len(self.paths)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict:
+        """Pickle without the open memmaps (DataLoader workers reopen them)."""
+        return {**self.__dict__, "_maps": [None] * len(self.paths)}
+
+    def _memmap(self, f: int) -> np.memmap:
+        if self._maps[f] is None:
+            self._maps[f] = np.memmap(self.paths[f], dtype=self.dtypes[f], mode="r")
+        return self._maps[f]
+
+    def _instance(self, index: int) -> np.ndarray:
+        """Instance `index` (global) as a numpy array of the file's dtype."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"instance {index} out of range for a dataset of {len(self)} instances")
+        f = int(np.searchsorted(self._starts, index, side="right")) - 1
+        start = (index - int(self._starts[f])) * self.seq_len
+        return self._memmap(f)[start : start + self.seq_len]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._instance(int(index)).astype(np.int64))
+
+    def get_batch(self, indices: np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Instances `indices` stacked into an int64 tensor [len(indices), seq_len]."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for row, index in enumerate(indices):
+            out[row] = self._instance(int(index))
+        return torch.from_numpy(out)
+
+
+def global_order(n_instances: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the instances (OLMo's rule: PCG64(seed + epoch))."""
+    return np.random.Generator(np.random.PCG64(seed + epoch)).permutation(n_instances)
+
+
+class GlobalBatches:
+    """Global batches of a dataset by global step, the same whatever the parallel layout.
+
+    Step s of epoch e = s // batches_per_epoch takes the next `global_batch_size` instances of
+    `global_order(n, seed, e)`; the last partial batch of an epoch is dropped. The state is counted
+    in samples (global units), so a run resumed on another data-parallel size continues exactly.
+    """
+
+    def __init__(self, dataset: MemmapDataset, global_batch_size: int, seed: int) -> None:
+        if not isinstance(global_batch_size, int) or global_batch_size < 1:
+            raise DataError(f"global_batch_size={global_batch_size!r} must be a positive integer")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.seed = int(seed)
+        self.batches_per_epoch = len(dataset) // global_batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"data has {len(dataset)} instances of {dataset.seq_len} tokens, fewer than one global batch of "
+                f"{global_batch_size}; add data or shrink the batch or the sequence length"
+            )
+        self.samples_seen = 0
+        self._epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    @property
+    def step(self) -> int:
+        """The next global step to train (batches already seen)."""
+        return self.samples_seen // self.global_batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.batches_per_epoch
+
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset indices of global batch `step`."""
+        if step < 0:
+            raise DataError(f"step {step} must be >= 0")
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._order = global_order(len(self.dataset), self.seed, epoch)
+            self._epoch = epoch
+        size = self.global_batch_size
+        return self._order[position * size : (position + 1) * size]
+
+    def batch(self, step: int, dp_rank: int = 0, dp: int = 1) -> torch.Tensor:
+        """Global batch `step` as int64 [B, L]; with dp > 1, only rows of `dp_share` (and only those are read).
+
+        Records `step + 1` batches as seen, so `state_dict()` after training step s resumes at s + 1.
+        """
+        rows = dp_rows(self.global_batch_size, dp_rank, dp)
+        tokens = self.dataset.get_batch(self.indices(step)[rows])
+        self.samples_seen = (step + 1) * self.global_batch_size
+        return tokens
+
+    def next_batch(self, dp_rank: int = 0, dp: int = 1) -> torch.Tensor:
+        """The batch after the last one seen (the step recorded in the state)."""
+        return self.batch(self.step, dp_rank, dp)
+
+    @staticmethod
+    def dp_share(batch: torch.Tensor, dp_rank: int, dp: int) -> torch.Tensor:
+        """Rows [r*B/dp, (r+1)*B/dp) of a global batch: data-parallel rank r's contiguous share."""
+        return batch[dp_rows(batch.shape[0], dp_rank, dp)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_seen": self.samples_seen, "seed": self.seed, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state` stopped; the seed and global batch size must be those it was saved with."""
+        for key in ("seed", "global_batch_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"data state was saved with {key}={state[key]} but this run has {key}={getattr(self, key)}; "
+                    f"resume with {key}={state[key]}"
+                )
+        samples = int(state["samples_seen"])
+        if samples < 0 or samples % self.global_batch_size:
+            raise DataError(
+                f"data state samples_seen={samples} is not a whole number of global batches of {self.global_batch_size}"
+            )
+        self.samples_seen = samples
+
+
+def dp_rows(global_batch_size: int, dp_rank: int, dp: int) -> slice:
+    """The rows of a global batch that data-parallel rank `dp_rank` of `dp` trains on."""
+    if dp < 1 or global_batch_size % dp:
+        raise DataError(f"global batch of {global_batch_size} does not split over dp={dp}; make it a multiple of dp")
+    if not 0 <= dp_rank < dp:
+        raise DataError(f"dp_rank={dp_rank} is outside 0..{dp - 1}")
+    share = global_batch_size // dp
+    return slice(dp_rank * share, (dp_rank + 1) * share)
+
+
+def _metadata_dirs(where: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The directories whose metadata.json describes `where` (a data dir, a metadata.json, or token files)."""
+    items = [where] if isinstance(where, (str, Path)) else list(where)
+    dirs: list[Path] = []
+    for raw in items:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"data path {path} does not exist; check the data paths")
+        directory = path if path.is_dir() else path.parent
+        if directory not in dirs:
+            dirs.append(directory)
+    return dirs
+
+
+def check_compatible(
+    metadata_dir_or_paths: str | Path | Sequence[str | Path], tokenizer_fingerprint: str | Path | None, vocab_size: int
+) -> None:
+    """Refuse data made with another tokenizer, or holding ids beyond the model's vocab, in one line.
+
+    `tokenizer_fingerprint` is the expected fingerprint (a hex string), or a `Path` to the tokenizer
+    file itself; None skips the tokenizer check (the vocab is still checked). Data without
+    metadata.json (e.g. OLMo's own memmaps) cannot be checked and passes.
+    """
+    if isinstance(tokenizer_fingerprint, Path):
+        tokenizer_fingerprint = fingerprint_of(tokenizer_fingerprint)
+    for directory in _metadata_dirs(metadata_dir_or_paths):
+        meta = read_metadata(directory)
+        if meta is None:
+            continue
+        found = meta.get("tokenizer_fingerprint")
+        if tokenizer_fingerprint is not None and found != tokenizer_fingerprint:
+            raise DataError(
+                f"data in {directory} was tokenized with tokenizer {str(found)[:12]}.. but the model expects "
+                f"{tokenizer_fingerprint[:12]}..; prepare it again with --tokenizer <the model's tokenizer.json>"
+            )
+        data_vocab = int(meta["vocab_size"])
+        if data_vocab > vocab_size:
+            raise DataError(
+                f"data in {directory} has vocab {data_vocab}, which exceeds model.vocab_size={vocab_size}; "
+                f"set model.vocab_size >= {data_vocab} or prepare the data with the model's tokenizer"
+            )

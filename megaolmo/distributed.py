@@ -1,0 +1,53 @@
+"""Joining the job: torchrun's or Slurm's environment, or none at all (one process)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+
+import torch.distributed as dist
+
+
+def launch_world_size() -> int:
+    """Ranks in this job as the launcher tells it (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS), else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = [nodelist.split(",")[0]]
+    return hosts[0]
+
+
+def export_slurm_environment() -> None:
+    """Translate an `srun` task's SLURM_* variables into the env:// variables torch.distributed reads."""
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed(device_type: str) -> bool:
+    """Initialize the default process group when launched with more than one rank; NCCL on CUDA, gloo on CPU."""
+    if launch_world_size() == 1:
+        return False
+    if "WORLD_SIZE" not in os.environ:
+        export_slurm_environment()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,226 @@
+"""`python -m megaolmo.train`: train OLMo on any TP x PP x DP layout, composed by Hydra from conf/.
+
+With no arguments it trains olmo_tiny on the built-in corpus (the Python
+standard library) on this machine. Launch more ranks with torchrun (or srun):
+
+    torchrun --nproc-per-node 8 -m megaolmo.train parallel=tp2_pp2_dp2
+
+The data of step b are the global indices [b*B, (b+1)*B) of a (seed, epoch)
+order, split among the data-parallel ranks, and the weights start from (seed,
+parameter name): the same seed gives the same run on every layout.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from megaolmo.checkpoint import save_consolidated
+from megaolmo.config import Config, ConfigError
+from megaolmo.data import DataError, GlobalBatches, MemmapDataset, builtin_corpus, check_compatible
+from megaolmo.data.dataset import dp_rows
+from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_device, peak_memory_gib, plot_losses
+from megaolmo.model.parallelize import ParallelOLMo, validate_layout
+from megaolmo.optim import build_optimizer, learning_rate, max_grad_norm
+from megaolmo.parallel.mesh import device_type, resolve_dp
+
+ConfigStore.instance().store(name="megaolmo_schema", node=Config)
+IGNORE = -100
+
+
+def shifted_labels(batch: torch.Tensor) -> torch.Tensor:
+    """Next-token targets for every position; the last position has none."""
+    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE)], dim=1)
+
+
+class DataSources:
+    """Training memmaps and held-out memmaps per source, checked against the model's tokenizer and vocab."""
+
+    def __init__(self, config: Config, seq_len: int) -> None:
+        data = config.data
+        if data.paths:
+            train, valid, tokenizer = [Path(p) for p in data.paths], [Path(p) for p in data.valid_paths], None
+            if data.tokenizer is not None:
+                tokenizer = Path(data.tokenizer)
+        else:
+            corpus = builtin_corpus(
+                Path(data.cache_dir) if data.cache_dir else None, data.builtin_vocab_size, progress=is_rank_zero()
+            )
+            train, valid, tokenizer = corpus.train_paths, corpus.valid_paths, corpus.tokenizer_path
+        for paths in (train, valid):
+            if paths:
+                check_compatible(paths, tokenizer, config.model.vocab_size)
+        self.train = MemmapDataset(train, seq_len, data.dtype)
+        self.valid = {path.stem: MemmapDataset([path], seq_len, data.dtype) for path in valid}
+
+
+def check_batch_layout(config: Config, dp: int) -> None:
+    trainer = config.trainer
+    if trainer.global_batch_size % (trainer.micro_batch_size * dp):
+        raise ConfigError(
+            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={trainer.micro_batch_size} x dp={dp}"
+        )
+
+
+def layout_or_hint(config: Config) -> tuple:
+    """Validate the layout against the launched ranks; on a mismatch say which torchrun line fits."""
+    world = launch_world_size()
+    try:
+        model_config = validate_layout(config.model, config.parallel, world)
+    except ConfigError as err:
+        parallel = config.parallel
+        if "world size" not in str(err):
+            raise
+        needed = parallel.tp * parallel.pp * (parallel.dp or 1)
+        raise ConfigError(
+            f"{err}; e.g. torchrun --nproc-per-node {needed} -m megaolmo.train {' '.join(sys.argv[1:])}".rstrip()
+        ) from None
+    return model_config, resolve_dp(config.parallel, world)
+
+
+def evaluate(model: ParallelOLMo, sources: dict[str, MemmapDataset], config: Config) -> dict[str, float]:
+    """Loss, perplexity and bits per byte per held-out source, on the same instances for every layout."""
+    trainer, dp = config.trainer, model.mesh.dp
+    per_batch = trainer.micro_batch_size * dp
+    micro_batches = max(trainer.eval_batches, config.parallel.pp)  # a pipeline needs one per stage at least
+    metrics = {}
+    for source, dataset in sources.items():
+        count = min(len(dataset), micro_batches * per_batch) // per_batch * per_batch
+        if count == 0:
+            continue
+        batch = dataset.get_batch(range(count))
+        rows = dp_rows(count, model.mesh.dp_rank, dp)
+        ce_sum, tokens = model.evaluate(batch[rows], shifted_labels(batch)[rows], trainer.micro_batch_size)
+        loss = ce_sum / tokens
+        metrics[f"eval/{source}/loss"] = loss
+        metrics[f"eval/{source}/perplexity"] = math.exp(min(loss, 50.0))
+        if dataset.bytes_per_token:
+            metrics[f"eval/{source}/bits_per_byte"] = loss / math.log(2) / dataset.bytes_per_token
+    return metrics
+
+
+def train(config: Config) -> None:
+    run_dir = Path(config.trainer.run_dir)
+    model_config, dp = layout_or_hint(config)
+    check_batch_layout(config, dp)
+    trainer = config.trainer
+    seq_len = trainer.seq_len or model_config.max_sequence_length
+    if seq_len > model_config.max_sequence_length:
+        raise ConfigError(
+            f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={model_config.max_sequence_length}"
+        )
+    data = DataSources(config, seq_len)
+    batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed)
+    init_distributed(device_type(config.parallel))
+    param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
+    model = ParallelOLMo(model_config, config.parallel, trainer.seed, param_dtype, trainer.z_loss, IGNORE)
+    device = model.mesh.device
+    optimizer = build_optimizer(model.named_parameters(), config.optim, device)
+    rank_zero = is_rank_zero()
+    writer, progress = None, None
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        writer = MetricsWriter(run_dir, trainer.tensorboard, trainer.wandb_project, OmegaConf.to_container(
+            OmegaConf.structured(config)))  # fmt: skip
+        if trainer.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=trainer.max_steps, desc="train", dynamic_ncols=True)
+    world = model.mesh.world_size
+    peak = peak_flops_per_device(config.cluster, device, param_dtype) * world
+    step_flops = flops_per_token(model_config, seq_len) * trainer.global_batch_size * seq_len
+    rows = dp_rows(trainer.global_batch_size, model.mesh.dp_rank, dp)
+    skipped, tokens_seen = 0, 0
+    for step in range(trainer.max_steps):
+        start = time.perf_counter()
+        batch = batches.batch(step)
+        lr = learning_rate(config.optim, step, trainer.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.forward_backward(batch[rows], shifted_labels(batch)[rows], trainer.micro_batch_size)
+        grad_norm = model.clip_grad_norm_(max_grad_norm(config.optim, step))
+        if math.isfinite(losses.ce) and math.isfinite(grad_norm):
+            optimizer.step()
+        elif trainer.nonfinite == "stop":
+            raise FloatingPointError(
+                f"step {step}: loss {losses.ce} / gradient norm {grad_norm} is not finite; "
+                "trainer.nonfinite=skip skips such steps instead"
+            )
+        else:
+            skipped += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        tokens_seen += trainer.global_batch_size * seq_len
+        values = {
+            "loss": losses.ce,
+            "z_loss": losses.z,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens_seen,
+            "tokens_per_second": trainer.global_batch_size * seq_len / elapsed,
+            "mfu": step_flops / elapsed / peak,
+            "skipped_steps": skipped,
+        }
+        last = step == trainer.max_steps - 1
+        if trainer.eval_interval and data.valid and ((step + 1) % trainer.eval_interval == 0 or last):
+            values.update(evaluate(model, data.valid, config))
+        if rank_zero:
+            if (step + 1) % trainer.log_interval == 0 or last or any(k.startswith("eval/") for k in values):
+                writer.write(step + 1, values)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{losses.ce:.3f}", lr=f"{lr:.2e}", tok_s=f"{values['tokens_per_second']:.0f}",
+                    mfu=f"{100 * values['mfu']:.1f}%",
+                )  # fmt: skip
+                progress.update()
+        if trainer.save_interval and (step + 1) % trainer.save_interval == 0 and not last:
+            save_weights(model, run_dir / f"step{step + 1}")
+    save_weights(model, run_dir / "final")
+    if rank_zero:
+        if progress is not None:
+            progress.close()
+        writer.write(trainer.max_steps, {"peak_memory_gib": peak_memory_gib(device)})
+        writer.close()
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        print(
+            f"trained {trainer.max_steps} steps ({tokens_seen:,} tokens), final loss {losses.ce:.4f}, "
+            f"peak memory {peak_memory_gib(device):.2f} GiB; wrote {run_dir}/metrics.jsonl, loss.png, final/"
+        )
+
+
+def save_weights(model: ParallelOLMo, path: Path) -> None:
+    """A consolidated checkpoint (megaolmo.load reads it), gathered to rank 0 from every stage."""
+    state = model.consolidated_state()
+    if state is not None:
+        save_consolidated(path, model.config, state, overwrite=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(OmegaConf.to_object(cfg))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

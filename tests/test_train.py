@@ -1,0 +1,153 @@
+"""`python -m megaolmo.train` end to end: layouts give the same losses, outputs are written, bad input is refused."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megaolmo.data import prepare
+
+VOCAB = 512
+TINY = [
+    "model.d_model=64", "model.n_heads=4", "model.ffn_hidden_size=128", "model.max_sequence_length=64",
+    f"model.vocab_size={VOCAB}", "trainer.max_steps=5", "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.eval_interval=5", "trainer.eval_batches=1",
+    "trainer.progress=false", "trainer.tensorboard=false", "cluster.peak_tflops=1.0",
+]  # fmt: skip
+
+
+def write_dolma(path: Path, source: str, n_docs: int, seed: int) -> None:
+    rng = random.Random(seed)
+    vocabulary = random.Random(0)  # the same words in every file, so the tokenizer fits them all
+    words = ["".join(vocabulary.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(vocabulary.randint(2, 9)))
+             for _ in range(400)]  # fmt: skip
+    with gzip.open(path, "wt") as handle:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+            handle.write(json.dumps({"id": f"{source}-{i}", "text": text, "source": source}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dolma")
+    write_dolma(root / "web.jsonl.gz", "web", 300, 0)
+    write_dolma(root / "code.jsonl.gz", "code", 100, 1)
+    write_dolma(root / "valid_web.jsonl.gz", "web", 30, 2)
+    prepare([root / "web.jsonl.gz", root / "code.jsonl.gz"], root / "train", None, VOCAB, progress=False)
+    prepare([root / "valid_web.jsonl.gz"], root / "valid", root / "train" / "tokenizer.json", None, progress=False)
+    return {"train": root / "train", "valid": root / "valid", "tokenizer": root / "train" / "tokenizer.json"}
+
+
+def data_args(data: dict[str, Path]) -> list[str]:
+    return [
+        "data=dolma",
+        f"data.paths=[{data['train']}]",
+        f"data.valid_paths=[{data['valid'] / 'valid_web.npy'}]",
+        f"data.tokenizer={data['tokenizer']}",
+    ]
+
+
+def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "megaolmo.train"]
+    if ranks > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "-m",
+            "megaolmo.train",
+        ]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
+    return subprocess.run(
+        [*launcher, f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *args],
+        capture_output=True, text=True, timeout=600, check=False, env=environment, cwd=run_dir.parent,
+    )  # fmt: skip
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:
+    single = train([*TINY, *data_args(dataset)], tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    layout = train([*TINY, *data_args(dataset), "parallel=tp2_pp2_dp2"], tmp_path / "tp2_pp2_dp2", ranks=8)
+    assert layout.returncode == 0, layout.stderr[-3000:]
+    expected, got = losses(tmp_path / "single"), losses(tmp_path / "tp2_pp2_dp2")
+    assert len(expected) == 5 and expected[-1] < expected[0]
+    for a, b in zip(got, expected):
+        assert abs(a - b) <= 1e-5 * b, (got, expected)
+    for run in ("single", "tp2_pp2_dp2"):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        step5 = next(r for r in records if r["step"] == 5 and "loss" in r)
+        assert {"lr", "grad_norm", "tokens", "tokens_per_second", "mfu", "eval/valid_web/bits_per_byte"} <= set(step5)
+        assert (tmp_path / run / "loss.png").stat().st_size > 0
+        assert (tmp_path / run / "final" / "model.safetensors").is_file()
+
+
+def test_final_weights_load_with_megaolmo_load(dataset, tmp_path: Path) -> None:
+    import torch
+
+    import megaolmo
+
+    result = train([*TINY, *data_args(dataset), "trainer.max_steps=2", "trainer.precision=bf16"], tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = megaolmo.load(tmp_path / "run" / "final")
+    logits = model(torch.zeros(1, 4, dtype=torch.long))
+    assert logits.shape == (1, 4, VOCAB) and torch.isfinite(logits).all()
+    assert "final loss" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.paths=[/nonexistent/data]"], "/nonexistent/data"),
+        (["model.vocab_size=256"], "vocab"),
+        (["trainer.seq_len=128"], "trainer.seq_len=128 exceeds model.max_sequence_length=64"),
+        (["trainer.global_batch_size=9"], "trainer.global_batch_size=9 is not divisible by"),
+        (["model.n_heads=3"], "model.d_model=64 is not divisible by model.n_heads=3"),
+    ],
+)
+def test_bad_input_is_one_clear_line(dataset, tmp_path: Path, args: list[str], message: str) -> None:
+    result = train([*TINY, *data_args(dataset), *args], tmp_path / "run")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_tokenizer_mismatch_is_refused(dataset, tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(dataset["tokenizer"].read_text().replace("<|padding|>", "<|pad|>"))
+    args = [*TINY, *data_args(dataset)[:-1], f"data.tokenizer={other}"]
+    result = train(args, tmp_path / "run")
+    assert result.returncode == 2 and "tokenizer" in result.stderr
+
+
+def test_world_size_mismatch_names_the_torchrun_line(dataset, tmp_path: Path) -> None:
+    result = train([*TINY, *data_args(dataset), "parallel=tp2_pp2_dp2"], tmp_path / "run", env={"WORLD_SIZE": "4"})
+    assert result.returncode == 2
+    assert "torchrun --nproc-per-node 8 -m megaolmo.train" in result.stderr
+
+
+def test_unknown_key_and_wrong_type_fail_at_compose_time(tmp_path: Path) -> None:
+    unknown = train(["trainer.max_stepz=3"], tmp_path / "a")
+    assert unknown.returncode != 0 and "max_stepz" in unknown.stderr
+    wrong = train(["trainer.max_steps=many"], tmp_path / "b")
+    assert wrong.returncode != 0 and "max_steps" in wrong.stderr
+
+
+def test_cfg_job_prints_the_resolved_experiment(tmp_path: Path) -> None:
+    result = train(["experiment=olmo_7b", "--cfg", "job"], tmp_path / "cfg")
+    assert result.returncode == 0, result.stderr
+    assert "d_model: 4096" in result.stdout and "lr: 0.0003" in result.stdout and "scheduler: linear" in result.stdout
