@@ -140,16 +140,15 @@ def train(config: Config) -> None:
     world = model.mesh.world_size
     peak = peak_flops_per_device(config.cluster, device, param_dtype) * world
     step_flops = flops_per_token(model_config, seq_len) * trainer.global_batch_size * seq_len
-    rows = dp_rows(trainer.global_batch_size, model.mesh.dp_rank, dp)
     skipped, tokens_seen = 0, 0
     for step in range(trainer.max_steps):
         start = time.perf_counter()
-        batch = batches.batch(step)
+        batch = batches.batch(step, model.mesh.dp_rank, dp)  # this rank's rows of global batch `step`
         lr = learning_rate(config.optim, step, trainer.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(batch[rows], shifted_labels(batch)[rows], trainer.micro_batch_size)
+        losses = model.forward_backward(batch, shifted_labels(batch), trainer.micro_batch_size)
         grad_norm = model.clip_grad_norm_(max_grad_norm(config.optim, step))
         if math.isfinite(losses.ce) and math.isfinite(grad_norm):
             optimizer.step()
