@@ -158,12 +158,21 @@ def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     return config, state
 
 
+def load_model_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Model config and unsharded state_dict of a consolidated or a sharded (training) checkpoint."""
+    from megaolmo.sharded_checkpoint import STATE_FILE, load_full_model  # it builds on this module
+
+    if (Path(path) / STATE_FILE).is_file():
+        return load_full_model(Path(path))
+    return load_consolidated(path)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OLMo:
-    """The model of a megaolmo checkpoint, in eval mode, on `device` (CPU by default).
+    """The model of a megaolmo checkpoint (consolidated, or sharded at any layout), in eval mode, on `device`.
 
     Parameters keep the checkpoint's dtype unless `dtype` is given.
     """
-    config, state = load_consolidated(path)
+    config, state = load_model_state(path)
     model = build_model(config, device="meta")
     model.load_state_dict(state, assign=True)
     model.to(device=device, dtype=dtype)

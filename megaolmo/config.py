@@ -230,7 +230,11 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and gradient reduction)
     seed: int = 0  # model init and data order
     run_dir: str = "${hydra:runtime.output_dir}"  # metrics, plots and weights; shared by every rank
-    save_interval: int | None = None  # also write consolidated weights every N steps; null: at the end only
+    stop_at: int | None = None  # end this leg at step N with a checkpoint; the schedule still spans max_steps
+    save_interval: int | None = None  # a sharded checkpoint every N steps (and at stop_at); null: none
+    keep_last: int = 3  # checkpoints kept besides those kept for good
+    keep_every: int | None = None  # keep every checkpoint whose step is a multiple of this, for good
+    resume: str = "auto"  # auto (latest in run_dir/checkpoints, if any) | none | a checkpoint directory
     eval_interval: int = 100  # evaluate on the held-out split every N steps (0 disables)
     eval_batches: int = 8  # micro-batches per source per evaluation
     log_interval: int = 10  # write metrics every N steps
@@ -245,6 +249,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.precision={self.precision!r} is not one of fp32, bf16")
         if self.nonfinite not in ("skip", "stop"):
             raise ConfigError(f"trainer.nonfinite={self.nonfinite!r} is not one of skip, stop")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
+            raise ConfigError(
+                f"trainer.stop_at={self.stop_at} must be between 1 and trainer.max_steps={self.max_steps}"
+            )
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")

@@ -3,6 +3,7 @@
     python -m megaolmo.convert from-hf   HF_DIR    OUT_DIR
     python -m megaolmo.convert to-hf     CKPT_DIR  HF_DIR
     python -m megaolmo.convert from-olmo OLMO_DIR  OUT_DIR
+    python -m megaolmo.convert consolidate CKPT_DIR OUT_DIR   (a sharded training checkpoint, any layout)
 
 Every input is validated in full (config, tensor names, shapes, shards) before
 anything is written; a bad input ends with one line on stderr and exit code 2.
@@ -29,7 +30,7 @@ from megaolmo.checkpoint import (
     CheckpointError,
     check_tensors,
     expected_shapes,
-    load_consolidated,
+    load_model_state,
     save_consolidated,
     write_atomically,
 )
@@ -383,9 +384,14 @@ def from_hf(args: argparse.Namespace) -> None:
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    config, state = load_consolidated(args.src)
+    config, state = load_model_state(args.src)
     tensors = state_to_hf(config, cast(state, args.dtype))
     write_hf_dir(Path(args.dst), config, tensors, int(args.max_shard_gb * 2**30))
+
+
+def consolidate(args: argparse.Namespace) -> None:
+    config, state = load_model_state(args.src)
+    save_consolidated(args.dst, config, cast(state, args.dtype))
 
 
 def from_olmo(args: argparse.Namespace) -> None:
@@ -400,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         ("from-hf", from_hf, "HF_DIR", "OUT_DIR"),
         ("to-hf", to_hf, "CKPT_DIR", "HF_DIR"),
         ("from-olmo", from_olmo, "OLMO_DIR", "OUT_DIR"),
+        ("consolidate", consolidate, "CKPT_DIR", "OUT_DIR"),
     ):
         sub = commands.add_parser(name, help=f"{src} -> {dst}")
         sub.add_argument("src", metavar=src)

@@ -12,6 +12,7 @@ parameter name): the same seed gives the same run on every layout.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from megaolmo.checkpoint import save_consolidated
+from megaolmo import sharded_checkpoint
+from megaolmo.checkpoint import CheckpointError, save_consolidated
 from megaolmo.config import Config, ConfigError
 from megaolmo.data import DataError, GlobalBatches, MemmapDataset, builtin_corpus, check_compatible
 from megaolmo.data.dataset import dp_rows
@@ -32,6 +34,7 @@ from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from megaolmo.model.parallelize import ParallelOLMo, validate_layout
 from megaolmo.optim import build_optimizer, learning_rate, max_grad_norm
 from megaolmo.parallel.mesh import device_type, resolve_dp
+from megaolmo.sharded_checkpoint import checkpoint_name, find_resume_point, remove_incomplete
 
 ConfigStore.instance().store(name="megaolmo_schema", node=Config)
 IGNORE = -100
@@ -126,22 +129,24 @@ def train(config: Config) -> None:
     model = ParallelOLMo(model_config, config.parallel, trainer.seed, param_dtype, trainer.z_loss, IGNORE)
     device = model.mesh.device
     optimizer = build_optimizer(model.named_parameters(), config.optim, device)
+    start_step = resume(config, run_dir, model, optimizer, batches)
+    stop = trainer.stop_at or trainer.max_steps
     rank_zero = is_rank_zero()
     writer, progress = None, None
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        keep_metrics_until(run_dir / "metrics.jsonl", start_step)
         writer = MetricsWriter(run_dir, trainer.tensorboard, trainer.wandb_project, OmegaConf.to_container(
             OmegaConf.structured(config)))  # fmt: skip
         if trainer.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=trainer.max_steps, desc="train", dynamic_ncols=True)
+            progress = tqdm(total=stop, initial=start_step, desc="train", dynamic_ncols=True)
     world = model.mesh.world_size
     peak = peak_flops_per_device(config.cluster, device, param_dtype) * world
     step_flops = flops_per_token(model_config, seq_len) * trainer.global_batch_size * seq_len
-    skipped, tokens_seen = 0, 0
-    for step in range(trainer.max_steps):
+    skipped, tokens_seen = 0, start_step * trainer.global_batch_size * seq_len
+    for step in range(start_step, stop):
         start = time.perf_counter()
         batch = batches.batch(step, model.mesh.dp_rank, dp)  # this rank's rows of global batch `step`
         lr = learning_rate(config.optim, step, trainer.max_steps)
@@ -173,7 +178,7 @@ def train(config: Config) -> None:
             "mfu": step_flops / elapsed / peak,
             "skipped_steps": skipped,
         }
-        last = step == trainer.max_steps - 1
+        last = step == stop - 1
         if trainer.eval_interval and data.valid and ((step + 1) % trainer.eval_interval == 0 or last):
             values.update(evaluate(model, data.valid, config))
         if rank_zero:
@@ -185,19 +190,63 @@ def train(config: Config) -> None:
                     mfu=f"{100 * values['mfu']:.1f}%",
                 )  # fmt: skip
                 progress.update()
-        if trainer.save_interval and (step + 1) % trainer.save_interval == 0 and not last:
-            save_weights(model, run_dir / f"step{step + 1}")
-    save_weights(model, run_dir / "final")
-    if rank_zero:
+        if (trainer.save_interval and (step + 1) % trainer.save_interval == 0) or step + 1 == trainer.stop_at:
+            save_checkpoint(config, run_dir, step + 1, model, optimizer, batches, required=step + 1 == stop)
+    if stop == trainer.max_steps:
+        save_weights(model, run_dir / "final")
+    if rank_zero and stop > start_step:
         if progress is not None:
             progress.close()
-        writer.write(trainer.max_steps, {"peak_memory_gib": peak_memory_gib(device)})
+        writer.write(stop, {"peak_memory_gib": peak_memory_gib(device)})
         writer.close()
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        outputs = "final/" if stop == trainer.max_steps else f"checkpoints/{checkpoint_name(stop)}"
         print(
-            f"trained {trainer.max_steps} steps ({tokens_seen:,} tokens), final loss {losses.ce:.4f}, "
-            f"peak memory {peak_memory_gib(device):.2f} GiB; wrote {run_dir}/metrics.jsonl, loss.png, final/"
+            f"trained to step {stop} ({tokens_seen:,} tokens), final loss {losses.ce:.4f}, "
+            f"peak memory {peak_memory_gib(device):.2f} GiB; wrote {run_dir}/metrics.jsonl, loss.png, {outputs}"
         )
+
+
+def resume(config: Config, run_dir: Path, model: ParallelOLMo, optimizer, batches: GlobalBatches) -> int:
+    """Restore model, optimizer and data position per trainer.resume; returns the step to continue from."""
+    choice = config.trainer.resume
+    if is_rank_zero():
+        remove_incomplete(run_dir / "checkpoints")
+    if choice == "none":
+        return 0
+    path = find_resume_point(run_dir / "checkpoints") if choice == "auto" else Path(choice)
+    if path is None:
+        return 0
+    state = sharded_checkpoint.load(path, model, optimizer)
+    batches.load_state_dict(state["data"])
+    if is_rank_zero():
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def save_checkpoint(config, run_dir, step, model, optimizer, batches, required: bool) -> None:
+    """A sharded checkpoint of everything the run needs to continue; a failed save (e.g. a full disk) keeps
+    training unless this checkpoint is the one the run ends on."""
+    trainer = config.trainer
+    state = {"step": step, "data": batches.state_dict()}
+    try:
+        sharded_checkpoint.save(
+            run_dir / "checkpoints", step, model, optimizer, state, trainer.keep_last, trainer.keep_every
+        )
+    except CheckpointError as err:
+        if required:
+            raise
+        if is_rank_zero():
+            print(f"warning: {err}; training goes on", file=sys.stderr)
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """A fresh run starts an empty metrics.jsonl; a resumed one keeps what was logged up to its checkpoint."""
+    if step == 0 or not path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_weights(model: ParallelOLMo, path: Path) -> None:
@@ -213,7 +262,7 @@ def save_weights(model: ParallelOLMo, path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(OmegaConf.to_object(cfg))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -26,3 +26,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small Dolma corpus prepared once for every test that trains (see training_run.py)."""
+    from training_run import prepare_dataset
+
+    return prepare_dataset(tmp_path_factory.mktemp("dolma"))

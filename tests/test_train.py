@@ -2,80 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from megaolmo.data import prepare
-
-VOCAB = 512
-TINY = [
-    "model.d_model=64", "model.n_heads=4", "model.ffn_hidden_size=128", "model.max_sequence_length=64",
-    f"model.vocab_size={VOCAB}", "trainer.max_steps=5", "trainer.global_batch_size=8",
-    "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.eval_interval=5", "trainer.eval_batches=1",
-    "trainer.progress=false", "trainer.tensorboard=false", "cluster.peak_tflops=1.0",
-]  # fmt: skip
-
-
-def write_dolma(path: Path, source: str, n_docs: int, seed: int) -> None:
-    rng = random.Random(seed)
-    vocabulary = random.Random(0)  # the same words in every file, so the tokenizer fits them all
-    words = ["".join(vocabulary.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(vocabulary.randint(2, 9)))
-             for _ in range(400)]  # fmt: skip
-    with gzip.open(path, "wt") as handle:
-        for i in range(n_docs):
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
-            handle.write(json.dumps({"id": f"{source}-{i}", "text": text, "source": source}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dolma")
-    write_dolma(root / "web.jsonl.gz", "web", 300, 0)
-    write_dolma(root / "code.jsonl.gz", "code", 100, 1)
-    write_dolma(root / "valid_web.jsonl.gz", "web", 30, 2)
-    prepare([root / "web.jsonl.gz", root / "code.jsonl.gz"], root / "train", None, VOCAB, progress=False)
-    prepare([root / "valid_web.jsonl.gz"], root / "valid", root / "train" / "tokenizer.json", None, progress=False)
-    return {"train": root / "train", "valid": root / "valid", "tokenizer": root / "train" / "tokenizer.json"}
-
-
-def data_args(data: dict[str, Path]) -> list[str]:
-    return [
-        "data=dolma",
-        f"data.paths=[{data['train']}]",
-        f"data.valid_paths=[{data['valid'] / 'valid_web.npy'}]",
-        f"data.tokenizer={data['tokenizer']}",
-    ]
-
-
-def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "megaolmo.train"]
-    if ranks > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(ranks),
-            "-m",
-            "megaolmo.train",
-        ]
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
-    return subprocess.run(
-        [*launcher, f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *args],
-        capture_output=True, text=True, timeout=600, check=False, env=environment, cwd=run_dir.parent,
-    )  # fmt: skip
-
-
-def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+from training_run import TINY, VOCAB, data_args, losses, train
 
 
 def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:

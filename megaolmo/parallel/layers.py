@@ -11,6 +11,7 @@ or (up, gate), every rank holds its slice of each block, never all of one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"partition sizes {self.partition_sizes} do not add up to {out_features}")
         self.sequence_dim = sequence_dim
         self.tp: TensorParallel | None = None
+        self.tp_dim = 0  # the weight dim split across TP ranks
         self.linear = local_linear(in_features, out_features)
 
     @property
@@ -134,6 +136,26 @@ class ColumnParallelLinear(nn.Module):
         per_rank_blocks = [part.split(self.local_partition_sizes, dim=0) for part in per_rank]
         return torch.cat([torch.cat(blocks, dim=0) for blocks in zip(*per_rank_blocks)], dim=0)
 
+    @property
+    def _unit_rows(self) -> tuple[int, ...]:
+        """Rows of each fused block in one unit: the blocks' sizes divided by their greatest common divisor."""
+        units = math.gcd(*self.partition_sizes)
+        return tuple(size // units for size in self.partition_sizes)
+
+    def to_canonical(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (blocks one after another) in the interleaved order [unit 0 of every block, unit 1,
+        ...] in which every valid TP degree's shard is one contiguous range: the layout checkpoints use."""
+        units = rows.shape[0] // sum(self._unit_rows)
+        blocks = rows.split([units * size for size in self._unit_rows], dim=0)
+        interleaved = torch.cat([b.reshape(units, size, *b.shape[1:]) for b, size in zip(blocks, self._unit_rows)], 1)
+        return interleaved.reshape(rows.shape)
+
+    def from_canonical(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_canonical`."""
+        units = rows.shape[0] // sum(self._unit_rows)
+        blocks = rows.reshape(units, sum(self._unit_rows), *rows.shape[1:]).split(self._unit_rows, dim=1)
+        return torch.cat([block.reshape(-1, *rows.shape[1:]) for block in blocks], dim=0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is None:
             return self.linear(x)
@@ -153,6 +175,7 @@ class RowParallelLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.tp: TensorParallel | None = None
+        self.tp_dim = 1  # the weight dim split across TP ranks
         self.linear = local_linear(in_features, out_features)
 
     @property
@@ -187,6 +210,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.tp: TensorParallel | None = None
+        self.tp_dim = 0  # the weight dim split across TP ranks
         self.vocab_start = 0
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 

@@ -1,0 +1,182 @@
+"""Sharded checkpoints: exact resume, resharding across layouts, crashes and damage never lose progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_run import TINY, data_args, losses, train
+
+import megaolmo
+from megaolmo.sharded_checkpoint import MANIFEST_FILE
+
+STEPS = ["trainer.max_steps=6", "trainer.eval_interval=0"]
+
+
+def checkpoints(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def run(dataset, run_dir: Path, *args: str, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = train([*TINY, *STEPS, *data_args(dataset), *args], run_dir, ranks=ranks, env=env)
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """Losses of a run of 6 steps in one go (single process)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run(dataset, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return losses(run_dir)
+
+
+def test_stop_at_and_resume_are_bitwise_exact(dataset, straight: list[float], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = run(dataset, run_dir, "trainer.stop_at=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (checkpoints(run_dir) / "latest").read_text().strip() == "step000003"
+    assert not (run_dir / "final").exists()  # the run is not over
+    second = run(dataset, run_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    assert losses(run_dir) == straight  # bitwise: fp32 on CPU, same layout
+
+
+def test_resume_on_other_layouts(dataset, straight: list[float], tmp_path: Path) -> None:
+    """tp2_pp2_dp2 -> tp4_pp1_dp2 -> one process, each leg resharding the previous leg's checkpoint."""
+    run_dir = tmp_path / "run"
+    legs = [
+        (["parallel=tp2_pp2_dp2", "trainer.stop_at=2"], 8),
+        (["parallel=tp4_pp1_dp2", "trainer.stop_at=4"], 8),
+        ([], 1),
+    ]
+    for args, ranks in legs:
+        result = run(dataset, run_dir, *args, ranks=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+    got = losses(run_dir)
+    assert len(got) == len(straight)
+    for a, b in zip(got, straight):
+        assert abs(a - b) <= 1e-5 * b, (got, straight)
+
+
+def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run(dataset, run_dir, "parallel=tp2_pp2_dp2", "trainer.stop_at=2", ranks=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = checkpoints(run_dir) / "step000002"
+    out = tmp_path / "consolidated"
+    convert = subprocess.run(
+        [sys.executable, "-m", "megaolmo.convert", "consolidate", str(checkpoint), str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert convert.returncode == 0, convert.stderr
+    sharded, consolidated = megaolmo.load(checkpoint), megaolmo.load(out)
+    for (name, a), b in zip(sharded.state_dict().items(), consolidated.state_dict().values()):
+        assert torch.equal(a, b), name
+    hf = subprocess.run(
+        [sys.executable, "-m", "megaolmo.convert", "to-hf", str(checkpoint), str(tmp_path / "hf")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert hf.returncode == 0, hf.stderr
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    bigger = ["model.d_model=256", "model.ffn_hidden_size=1024", "trainer.max_steps=40", "trainer.save_interval=1"]
+    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
+               *TINY, *data_args(dataset), "trainer.eval_interval=0", *bigger]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and process.poll() is None:
+        directory = checkpoints(run_dir)
+        committed = list(directory.glob("step*")) if directory.is_dir() else []
+        if committed and list(directory.glob(".step*.tmp")):
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.001)
+    process.wait()
+    assert killed, "the run ended before a save could be interrupted"
+    latest = (checkpoints(run_dir) / "latest").read_text().strip()
+    assert (checkpoints(run_dir) / latest / MANIFEST_FILE).is_file()
+    resumed = train([*TINY, *data_args(dataset), "trainer.eval_interval=0", *bigger[:3]], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints(run_dir) / latest}" in resumed.stdout
+    assert not list(checkpoints(run_dir).glob(".step*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
+def test_damaged_checkpoint_is_refused_in_one_line(dataset, tmp_path: Path, damage: str) -> None:
+    run_dir = tmp_path / "run"
+    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    shard = next((checkpoints(run_dir) / "step000002").glob("__0_*.distcp"))
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "corrupt":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    result = run(dataset, run_dir, f"trainer.resume={checkpoints(run_dir) / 'step000002'}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = {"truncate": "truncated", "corrupt": "corrupted", "delete": "is missing"}[damage]
+    assert len(errors) == 1 and shard.name in errors[0] and expected in errors[0], result.stderr[-2000:]
+
+
+def test_checkpoint_of_another_model_is_refused(dataset, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    result = run(dataset, run_dir, "model.n_layers=2")
+    assert result.returncode == 2
+    assert "was saved from a different model: n_layers=4 (now 2)" in result.stderr
+
+
+def _disk_quota(limit_bytes: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def test_full_disk_fails_the_save_and_keeps_everything(dataset, straight: list[float], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    before = {p.name: p.read_bytes() for p in (checkpoints(run_dir) / "step000002").iterdir()}
+    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
+               *TINY, *STEPS, *data_args(dataset), "trainer.stop_at=4", "trainer.tensorboard=false"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=env, preexec_fn=_disk_quota(200_000)
+    )
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert "saving checkpoint step000004 failed" in full.stderr and "the previous one is untouched" in full.stderr
+    assert (checkpoints(run_dir) / "latest").read_text().strip() == "step000002"
+    assert {p.name: p.read_bytes() for p in (checkpoints(run_dir) / "step000002").iterdir()} == before
+    assert not list(checkpoints(run_dir).glob(".step*"))
+    again = run(dataset, run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(run_dir) == straight
+
+
+def test_retention_keeps_the_last_k_and_every_mth(dataset, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run(dataset, run_dir, "trainer.save_interval=1", "trainer.keep_last=2", "trainer.keep_every=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = sorted(p.name for p in checkpoints(run_dir).iterdir() if p.is_dir())
+    assert kept == ["step000003", "step000005", "step000006"]
+    state = json.loads((checkpoints(run_dir) / "step000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data"]["samples_seen"] == 6 * 8
+    shutil.rmtree(run_dir)
