@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+LINEAR_BACKENDS = ("torch", "torchao", "te")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ModelConfig:
     eos_token_id: int = 0  # end-of-document token appended after every document (OLMo's tokenizer: 50279)
     pad_token_id: int = 1  # padding token (never trained on)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
+    linear: str = "torch"  # the local GEMM of every block linear: torch | torchao (FP8) | te (Transformer Engine FP8)
     kernels: str = "auto"  # RoPE/SwiGLU/LayerNorm: triton (fused kernels) | torch (references) | auto (triton on CUDA)
 
     def __post_init__(self) -> None:
@@ -89,6 +91,8 @@ class ModelConfig:
             raise ConfigError(f"model.clip_qkv={self.clip_qkv} must be positive or null")
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.linear not in LINEAR_BACKENDS:
+            raise ConfigError(f"model.linear={self.linear!r} is not one of {', '.join(LINEAR_BACKENDS)}")
         if self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(f"model.kernels={self.kernels!r} is not one of {', '.join(KERNEL_BACKENDS)}")
 
@@ -270,6 +274,30 @@ class ClusterConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 recipes, used when model.linear is torchao or te."""
+
+    torchao_recipe: str = "tensorwise"  # torchao scaling: tensorwise | rowwise | rowwise_with_gw_hp
+    te_recipe: str = "delayed"  # Transformer Engine scaling: delayed | current (tensorwise) | mxfp8 (Blackwell)
+    fp8_format: str = "HYBRID"  # HYBRID (E4M3 forward, E5M2 gradients) | E4M3
+    margin: int = 0  # delayed scaling: scale margin (powers of two)
+    amax_history_len: int = 1024  # delayed scaling: steps of amax history
+    amax_compute_algo: str = "max"  # delayed scaling: max | most_recent over the history
+    keep_first_last_blocks_bf16: bool = False  # the first and last blocks keep high-precision GEMMs
+
+    def __post_init__(self) -> None:
+        choices = {
+            "torchao_recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+            "te_recipe": ("delayed", "current", "mxfp8"),
+            "fp8_format": ("HYBRID", "E4M3"),
+            "amax_compute_algo": ("max", "most_recent"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"fp8.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
 class Config:
     """Everything one training run needs; composed by Hydra from conf/."""
 
@@ -279,3 +307,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megaolmo.checkpoint import CheckpointError
 from megaolmo.config import ModelConfig
+from megaolmo.fp8 import load_scaling_states, scaling_states
 from megaolmo.parallel import ColumnParallelLinear, tensor_parallel_layers
 
 SHARDED_FORMAT = "megaolmo-sharded"
@@ -43,7 +44,7 @@ MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Fields that change how the model computes, not the weights it has: free to differ on resume.
-RUNTIME_FIELDS = ("attention", "kernels", "embedding_size")
+RUNTIME_FIELDS = ("attention", "kernels", "linear", "embedding_size")
 
 
 def _distributed() -> bool:
@@ -118,6 +119,8 @@ def training_state_dict(model, optimizer: torch.optim.Optimizer) -> dict[str, to
                 state[f"optim/{name}/{moment}"] = _as_saved(_unsharded_over_dp(moments[moment]), layer, tp_mesh)
         if "step" in moments:
             state[f"optim/{name}/step"] = moments["step"].detach().clone().cpu()
+    for stage in model.stages:
+        state.update({f"fp8/{name}": buffer for name, buffer in scaling_states(stage).items()})
     return state
 
 
@@ -305,8 +308,15 @@ def load(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
             template[f"optim/{name}/{moment}"] = _as_saved(slot, layer, tp_mesh)
             targets.append((f"optim/{name}/{moment}", moments[moment], layer))
         template[f"optim/{name}/step"] = torch.zeros((), dtype=torch.float32)
+    saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    scaling = {}  # Transformer Engine's FP8 scaling state, when both the checkpoint and this model have it
+    for stage in model.stages:
+        scaling.update({k: v for k, v in scaling_states(stage).items() if f"fp8/{k}" in saved_keys})
+    template.update({f"fp8/{name}": buffer for name, buffer in scaling.items()})
     with _single_process_is_intended():
         dcp.load(template, checkpoint_id=str(path), no_dist=not _distributed())
+    for stage in model.stages:
+        load_scaling_states(stage, {name: template[f"fp8/{name}"] for name in scaling})
     for key, target, layer in targets:
         _restore(target, template[key], layer)
     for name, param, _ in _entries(model, include_replica=True):

@@ -126,7 +126,9 @@ def train(config: Config) -> None:
     batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed)
     init_distributed(device_type(config.parallel))
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
-    model = ParallelOLMo(model_config, config.parallel, trainer.seed, param_dtype, trainer.z_loss, IGNORE)
+    model = ParallelOLMo(model_config, config.parallel, trainer.seed, param_dtype, trainer.z_loss, IGNORE, config.fp8)
+    if model.high_precision_layers and is_rank_zero():
+        print(f"FP8: kept in high precision (dims not multiples of 16): {', '.join(model.high_precision_layers)}")
     device = model.mesh.device
     optimizer = build_optimizer(model.named_parameters(), config.optim, device)
     start_step = resume(config, run_dir, model, optimizer, batches)

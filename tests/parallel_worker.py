@@ -30,6 +30,11 @@ MODELS = {
         d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_size=96, vocab_size=1030,
         max_sequence_length=SEQ_LEN, weight_tying=False, clip_qkv=0.5, kernels="torch",
     ),
+    # torchao FP8 GEMMs; under TP each rank scales its own shard, so results match one process only approximately.
+    "fp8": ModelConfig(
+        d_model=64, n_layers=4, n_heads=4, ffn_hidden_size=96, vocab_size=1030, max_sequence_length=SEQ_LEN,
+        weight_tying=True, kernels="torch", linear="torchao",
+    ),
 }  # fmt: skip
 
 

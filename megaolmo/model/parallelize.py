@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from megaolmo.config import ConfigError, ModelConfig, ParallelConfig
+from megaolmo.config import ConfigError, Fp8Config, ModelConfig, ParallelConfig
+from megaolmo.fp8 import apply_fp8, check_backend
 from megaolmo.model.init import init_parameters
 from megaolmo.model.olmo import OLMo
 from megaolmo.parallel import TensorParallel, tensor_parallel_layers
@@ -83,11 +84,16 @@ class ParallelOLMo:
         param_dtype: torch.dtype = torch.float32,
         z_loss_multiplier: float = 0.0,
         ignore_index: int = -100,
+        fp8: Fp8Config | None = None,
     ) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.config = validate_layout(model, parallel, world_size)
         self.parallel = parallel
         self.mesh = ParallelMesh(parallel)
+        check_backend(self.config.linear, self.mesh.device)
+        self.fp8 = fp8 or Fp8Config()
+        self.amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
+        self.high_precision_layers: list[str] = []  # block linears kept out of FP8 (dims not multiples of 16)
         self.param_dtype = param_dtype
         self.z_loss_multiplier = z_loss_multiplier
         self.ignore_index = ignore_index
@@ -118,6 +124,9 @@ class ParallelOLMo:
             block.activation_checkpointing = self.parallel.activation_checkpointing
         stage.to_empty(device=self.mesh.device)
         init_parameters(stage, self.config, seed)
+        self.high_precision_layers += apply_fp8(
+            stage, self.config.linear, self.fp8, self.config.n_layers, self.amax_group
+        )
         if self.mesh.dp_mesh is not None:
             shard_data_parallel(
                 stage,

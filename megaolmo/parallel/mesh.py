@@ -84,6 +84,19 @@ class ParallelMesh:
     def dp_mesh(self) -> DeviceMesh | None:
         return None if self.device_mesh is None else self.device_mesh["dp"]
 
+    def build_amax_group(self) -> ProcessGroup | None:
+        """The TP x DP ranks of this rank's pipeline stage (FP8 amax reduction, as in Megatron).
+        Every rank must call this, in step."""
+        if self.device_mesh is None:
+            return None
+        mine = None
+        for stage_ranks in self.device_mesh.mesh:  # [dp, tp] per pipeline rank
+            ranks = [int(r) for r in stage_ranks.flatten()]
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                mine = group
+        return mine
+
     def build_embedding_group(self) -> ProcessGroup | None:
         """Pairs (first stage, last stage) at equal (dp, tp) coordinates, for summing the gradients of a
         weight both ends of the pipeline hold (a tied embedding). Every rank must call this, in step."""

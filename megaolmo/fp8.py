@@ -1,0 +1,128 @@
+"""FP8 as a choice of local GEMM (`model.linear: torch | te | torchao`), under unchanged TP communication.
+
+A TP layer is communication around `layer.linear`; FP8 swaps that local module:
+torchao's `Float8Linear` (dynamic scaling, tensorwise or rowwise; it runs on CPU
+too, through `torch._scaled_mm`) or Transformer Engine's `te.pytorch.Linear`
+(delayed or current scaling, MXFP8 on Blackwell) whose forward runs inside
+`te.fp8_autocast` with the amax reduced over the TP and DP ranks of the stage,
+as in Megatron. Weights stay in high precision, so checkpoints do too.
+FP8 GEMMs need both dims divisible by 16; other layers keep the high-precision GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+
+import torch
+from torch import nn
+
+from megaolmo.config import ConfigError, Fp8Config
+from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear
+
+
+def check_backend(linear: str, device: torch.device) -> None:
+    """One clear line for an FP8 request this machine cannot serve, before anything is built."""
+    if linear == "torch":
+        return
+    if linear == "torchao" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("model.linear=torchao needs torchao: pip install torchao, or set model.linear=torch")
+    if linear == "te":
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("model.linear=te needs Transformer Engine: pip install -e '.[te]', or use torchao")
+        if device.type != "cuda":
+            raise ConfigError("model.linear=te needs an NVIDIA GPU; on CPU use model.linear=torchao")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"model.linear={linear}: {name} has no FP8 (needs compute capability 8.9+); use torch")
+
+
+def _fp8_layers(stage: nn.Module, n_layers: int, config: Fp8Config):
+    """(name, layer) of every TP linear of the blocks that may run in FP8 (the output head never does)."""
+    for block_name, block in stage.blocks.items():
+        if config.keep_first_last_blocks_bf16 and int(block_name) in (0, n_layers - 1):
+            continue
+        for name, layer in block.named_children():
+            if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+                yield f"blocks.{block_name}.{name}", layer
+
+
+def apply_fp8(stage: nn.Module, linear: str, config: Fp8Config, n_layers: int, amax_group=None) -> list[str]:
+    """Swap the local GEMMs of a materialized, initialized stage; returns the layers left in high precision."""
+    if linear == "torch":
+        return []
+    kept = []
+    for name, layer in _fp8_layers(stage, n_layers, config):
+        local: nn.Linear = layer.linear
+        if local.in_features % 16 or local.out_features % 16:
+            kept.append(name)
+            continue
+        layer.linear = _torchao_linear(local, config) if linear == "torchao" else _te_linear(local)
+    if linear == "te":
+        stage.forward = functools.partial(_te_autocast_forward, stage.forward, config, amax_group)
+    return kept
+
+
+def _torchao_linear(local: nn.Linear, config: Fp8Config) -> nn.Module:
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    return Float8Linear.from_float(local, config=Float8LinearConfig.from_recipe_name(config.torchao_recipe))
+
+
+def _te_linear(local: nn.Linear) -> nn.Module:
+    import transformer_engine.pytorch as te
+
+    fp8 = te.Linear(local.in_features, local.out_features, bias=False, params_dtype=local.weight.dtype,
+                    device=local.weight.device)  # fmt: skip
+    with torch.no_grad():
+        fp8.weight.copy_(local.weight)
+    return fp8
+
+
+def te_recipe(config: Fp8Config):
+    """The Transformer Engine recipe of `fp8.te_recipe`: delayed, current (tensorwise) or mxfp8."""
+    from transformer_engine.common import recipe
+
+    fp8_format = getattr(recipe.Format, config.fp8_format)
+    if config.te_recipe == "delayed":
+        return recipe.DelayedScaling(
+            fp8_format=fp8_format,
+            margin=config.margin,
+            amax_history_len=config.amax_history_len,
+            amax_compute_algo=config.amax_compute_algo,
+        )
+    if config.te_recipe == "current":
+        return recipe.Float8CurrentScaling(fp8_format=fp8_format)
+    return recipe.MXFP8BlockScaling(fp8_format=fp8_format)
+
+
+def _te_autocast_forward(forward, config: Fp8Config, amax_group, *args, **kwargs):
+    """Each stage forward (one micro-batch) inside fp8_autocast, the amax reduced over TP x DP."""
+    import transformer_engine.pytorch as te
+
+    with te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(config), fp8_group=amax_group):
+        return forward(*args, **kwargs)
+
+
+def scaling_states(stage: nn.Module) -> dict[str, io.BytesIO]:
+    """Transformer Engine's FP8 scaling state (amax history, scales) per FP8 module, for checkpoints.
+
+    The amax is reduced over the TP and DP ranks of a stage, so every rank holding a module holds
+    the same state: one copy per module name, whatever the layout.
+    """
+    states = {}
+    for name, module in stage.named_modules():
+        if type(module).__module__.startswith("transformer_engine"):
+            buffer = io.BytesIO()
+            torch.save(module.get_extra_state(), buffer)
+            states[name] = buffer
+    return states
+
+
+def load_scaling_states(stage: nn.Module, states: dict[str, io.BytesIO]) -> None:
+    for name, module in stage.named_modules():
+        if name in states:
+            states[name].seek(0)
+            module.set_extra_state(torch.load(states[name], weights_only=False))
