@@ -17,6 +17,7 @@ setup(
         "megaolmo.parallel",
         "megaolmo.bench",
         "megaolmo.data",
+        "megaolmo.eval",
         "megaolmo.kernels",
     ],
     package_dir={"megaolmo.kernels": "kernels"},
@@ -44,5 +45,6 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],
         "liger": ["liger-kernel"],
+        "torchao": ["torchao"],
     },
 )

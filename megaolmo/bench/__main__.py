@@ -13,12 +13,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megaolmo.bench")
     suites = parser.add_subparsers(dest="suite", required=True)
     kernels_parser = suites.add_parser("kernels", help="fused RoPE, SwiGLU and LayerNorm against the alternatives")
-    args_module = _kernels_module()
-    args_module.add_arguments(kernels_parser)
+    kernels = _kernels_module()
+    kernels.add_arguments(kernels_parser)
+    kernels_parser.set_defaults(run=kernels.run)
+    step_parser = suites.add_parser("step", help="a training step per linear backend, and transformers' OLMo")
+    from megaolmo.bench import step
+
+    step.add_arguments(step_parser)
+    step_parser.set_defaults(run=step.run)
     args = parser.parse_args(argv)
     if args.out is not None and not args.out.endswith((".csv", ".json")):
         parser.error(f"--out {args.out}: use a .csv or .json file name")
-    return args_module.run(args)
+    return args.run(args)
 
 
 def _kernels_module():

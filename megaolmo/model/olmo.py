@@ -51,7 +51,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     if backend == "flash":
         out = _flash_attn_func()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True)
         return out.transpose(0, 1)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
+    q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))  # [b, heads, s, hd]
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     return out.permute(2, 0, 1, 3)
 

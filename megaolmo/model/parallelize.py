@@ -160,11 +160,12 @@ class ParallelOLMo:
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross entropy (+ z-loss) of one micro-batch over the target tokens of the whole batch."""
+        z_loss = self.z_loss_multiplier > 0
         ce, log_z = vocab_parallel_cross_entropy(
-            logits, labels, self._vocab_start(), self.mesh.tp_group, self.ignore_index
+            logits, labels, self._vocab_start(), self.mesh.tp_group, self.ignore_index, with_log_z=z_loss
         )
         ce_sum = ce.sum()
-        z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier
+        z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier if z_loss else 0 * ce_sum
         self._loss_sums.append(torch.stack([ce_sum.detach(), z_sum.detach()]))
         return (ce_sum + z_sum) / self._normalizer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 
@@ -56,6 +57,12 @@ def vocab_parallel_cross_entropy(
     vocab_start: int = 0,
     group: ProcessGroup | None = None,
     ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross entropy (0 where labels == ignore_index) and the fp32 log-sum-exp of the full logits."""
+    with_log_z: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token cross entropy (0 where labels == ignore_index) and, if asked, the fp32 log-sum-exp of the
+    full logits. Without TP this is torch's fused cross entropy, plus a log-sum-exp pass only for the z-loss."""
+    if group is None or dist.get_world_size(group) == 1:
+        wide = logits.float()
+        ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=ignore_index)
+        return ce.view(labels.shape), wide.logsumexp(-1) if with_log_z else None
     return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group, ignore_index)

@@ -1,0 +1,166 @@
+"""`python -m megaolmo.bench step`: a full training step, side by side for each local GEMM and for transformers.
+
+For a model preset, micro-batch size and sequence length it times forward,
+backward and the AdamW step of megaolmo with every linear backend this machine
+has (torch, torchao FP8, Transformer Engine FP8), and of Hugging Face's
+OlmoForCausalLM on the same weights and batch, in one run: tokens/s, model
+TFLOP/s (6N + 12 L d s FLOPs per token), MFU and peak memory. Under torchrun
+it measures the layout given by --tp/--pp (no transformers column then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megaolmo.bench.report import write_rows
+from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
+from megaolmo.convert import config_to_hf, state_to_hf
+from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
+from megaolmo.model.parallelize import ParallelOLMo
+
+
+def available_linears(device: torch.device) -> list[str]:
+    linears = ["torch"]
+    fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if importlib.util.find_spec("torchao") is not None and (device.type == "cpu" or fp8_gpu):
+        linears.append("torchao")
+    if importlib.util.find_spec("transformer_engine") is not None and fp8_gpu:
+        linears.append("te")
+    return linears
+
+
+def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of one step after warm-up."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def megaolmo_step(config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, ids: torch.Tensor, micro: int):
+    model = ParallelOLMo(config, parallel, seed=0, param_dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=model.mesh.device.type == "cuda")
+    labels = torch.roll(ids, -1, dims=1)
+    share = ids.shape[0] // model.mesh.dp
+    rows = slice(model.mesh.dp_rank * share, (model.mesh.dp_rank + 1) * share)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.forward_backward(ids[rows], labels[rows], micro_batch_size=micro)
+        model.clip_grad_norm_(1.0)
+        optimizer.step()
+
+    return model, step
+
+
+def transformers_step(model: ParallelOLMo, dtype: torch.dtype, ids: torch.Tensor):
+    """OlmoForCausalLM with exactly megaolmo's weights, trained the same way (autocast for bf16)."""
+    import transformers
+
+    config = model.config
+    hf_config = config_to_hf(config, torch.float32)
+    hf_config.pop("torch_dtype")
+    hf = transformers.OlmoForCausalLM(transformers.OlmoConfig(**hf_config)).to(model.mesh.device)
+    hf.load_state_dict(state_to_hf(config, model.consolidated_state()), strict=False)
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=model.mesh.device.type == "cuda")
+    ids = ids.to(model.mesh.device)
+    labels = torch.roll(ids, -1, dims=1)
+    autocast = torch.autocast(model.mesh.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = hf(ids).logits
+        F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def run(args: argparse.Namespace) -> int:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    init_distributed(device_type)
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    preset = args.model or ("olmo_1b" if device_type == "cuda" else "olmo_tiny")
+    config = ModelConfig.preset(preset, n_layers=args.layers) if args.layers else ModelConfig.preset(preset)
+    seq_len = args.seq_len or config.max_sequence_length
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sequence_parallel=args.tp > 1)
+    world = launch_world_size()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.precision or ("bf16" if device_type == "cuda" else "fp32")
+    ]
+    dp = world // (args.tp * args.pp)
+    # One micro-batch per pipeline stage and data-parallel rank: the smallest batch that fills the pipeline.
+    batch = args.micro_batch_size * args.pp * dp
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()
+    peak = peak_flops_per_device(ClusterConfig(peak_tflops=args.peak_tflops), device, dtype) * world
+    step_flops = flops_per_token(config, seq_len) * tokens
+    rows, baseline = [], None
+    linears = [linear for linear in args.linears if linear in available_linears(device)]
+    for linear in linears:
+        model, step = megaolmo_step(
+            dataclasses.replace(config, linear=linear), parallel, dtype, ids, args.micro_batch_size
+        )
+        seconds = _timed(step, args.steps, args.warmup, device)
+        baseline = baseline or seconds
+        rows.append(_row(f"megaolmo {linear}", seconds, tokens, step_flops, peak, baseline, device))
+        if linear == "torch" and world == 1 and args.transformers:
+            hf_seconds = _timed(transformers_step(model, dtype, ids), args.steps, args.warmup, device)
+            rows.append(_row("transformers", hf_seconds, tokens, step_flops, peak, baseline, device))
+        del model, step
+    if is_rank_zero():
+        where = (
+            torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        )
+        print(f"{where}: {preset}, {world} rank(s) tp={args.tp} pp={args.pp}, micro-batch {args.micro_batch_size} x "
+              f"{seq_len} tokens, {str(dtype).removeprefix('torch.')}, median of {args.steps} steps")  # fmt: skip
+        write_rows(rows, args.out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _row(name, seconds, tokens, step_flops, peak, baseline, device) -> dict[str, object]:
+    return {
+        "implementation": name,
+        "step s": round(seconds, 4),
+        "tokens/s": round(tokens / seconds),
+        "TFLOP/s": round(step_flops / seconds / 1e12, 3),
+        "MFU %": round(100 * step_flops / seconds / peak, 1),
+        "speed vs megaolmo torch": round(baseline / seconds, 2),
+        "peak GiB": round(peak_memory_gib(device), 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model preset (default olmo_1b on a GPU, olmo_tiny on CPU)")
+    parser.add_argument("--layers", type=int, help="override the preset's number of layers (to fit one device)")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per rank per step")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's maximum)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--linears", nargs="+", default=["torch", "torchao", "te"], help="local GEMMs to compare")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--peak-tflops", type=float, help="datasheet peak per device for MFU (default: measured)")
+    parser.add_argument("--no-transformers", dest="transformers", action="store_false",
+                        help="skip the transformers OlmoForCausalLM column")  # fmt: skip
+    parser.add_argument("--out", help="also write the rows to this .csv or .json file")
