@@ -12,14 +12,13 @@ once complete, so a crash never leaves something that looks like a checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megaolmo.atomic import atomic_directory
 from megaolmo.config import ConfigError, ModelConfig
 from megaolmo.model import OLMo, build_model
 
@@ -63,43 +62,10 @@ def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], sou
     check_tensors(expected_shapes(config), state, source)
 
 
-def prepare_output_dir(path: Path) -> None:
-    """Refuse to write over anything: the target must not exist or be an empty directory."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"output {path} already exists and is not empty; choose a new directory")
-
-
-def commit_directory(tmp: Path, path: Path) -> None:
-    """Move a fully written temporary directory to its final name; an existing one is replaced only after
-    the new one is complete, so a crash leaves the old or the new checkpoint, never neither."""
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_atomically(path: Path, write, overwrite: bool = False) -> None:
-    """Call `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind.
-
-    Without `overwrite` an existing non-empty `path` is refused before anything is written.
-    """
-    path = Path(path)
-    if not overwrite:
-        prepare_output_dir(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Call `write(tmp_dir)` and rename tmp_dir to `path`; on any failure nothing is left behind."""
+    with atomic_directory(path, CheckpointError, overwrite) as tmp:
         write(tmp)
-        commit_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_consolidated(

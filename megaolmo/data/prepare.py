@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaolmo.data.atomic import atomic_output_dir, check_new_output_dir
+from megaolmo.atomic import atomic_directory, refuse_existing
 from megaolmo.data.dolma import dolma_files, dolma_stem, iter_documents
 from megaolmo.data.errors import DataError
 from megaolmo.data.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, token_dtype
@@ -185,12 +185,12 @@ def prepare(
     if not isinstance(workers, int) or workers < 1:
         raise DataError(f"workers={workers!r} must be a positive integer")
     out_dir = Path(out_dir)
-    check_new_output_dir(out_dir)
+    refuse_existing(Path(out_dir), DataError)
     files = dolma_files(inputs)
     names = _output_names(files)
     if tokenizer_path is not None:
         tokenizer_summary(tokenizer_path)  # fail on a bad tokenizer before any work
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_directory(out_dir, DataError) as tmp:
         tokenizer = tmp / TOKENIZER_FILE
         if train_tokenizer_vocab is not None:
             train_bpe_tokenizer((doc["text"] for doc in iter_documents(files)), train_tokenizer_vocab, tokenizer)
