@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import megaolmo
-from megaolmo import convert
+from megaolmo import allenai_olmo, convert, hf_format
 from megaolmo.checkpoint import CheckpointError, load_consolidated, save_consolidated
 from megaolmo.config import ModelConfig
 
@@ -392,7 +392,7 @@ def test_to_hf_bfloat16(our_ckpt, tmp_path: Path, capsys):
     assert (code, err) == (0, "")
     assert json.loads((hf_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
     tensors = read_tensors(hf_dir)
-    expected = convert.state_to_hf(model.config, model.state_dict())
+    expected = hf_format.state_to_hf(model.config, model.state_dict())
     if model.config.weight_tying:
         expected.pop("lm_head.weight")
     assert_same_state(tensors, {name: t.to(torch.bfloat16) for name, t in expected.items()})
@@ -510,7 +510,7 @@ def test_load_errors(tmp_path: Path, sources: dict[str, Path]):
 
 
 def olmo_name(name: str) -> str:
-    """allenai/OLMo's name of a megaolmo tensor (written independently of convert._name_to_olmo)."""
+    """allenai/OLMo's name of a megaolmo tensor (written independently of allenai_olmo._name_to_olmo)."""
     if name == "wte.weight":
         return "transformer.wte.weight"
     if name == "head.linear.weight":
@@ -613,11 +613,11 @@ def olmo_dir(tmp_path_factory) -> Path:
 
 def test_olmo_names_invert_the_converter():
     state = random_model(tiny_config(weight_tying=False)).state_dict()
-    assert {convert._name_to_olmo(name) for name in state} == {olmo_name(name) for name in state}
+    assert {allenai_olmo._name_to_olmo(name) for name in state} == {olmo_name(name) for name in state}
     assert olmo_name("blocks.1.att_proj.linear.weight") == "transformer.blocks.1.att_proj.weight"
     key = olmo_safetensors_key("transformer.wte.weight")
     assert "." not in key
-    assert convert._olmo_key(key) == "transformer.wte.weight"
+    assert allenai_olmo._olmo_key(key) == "transformer.wte.weight"
 
 
 @pytest.mark.parametrize("case", list(OLMO_CASES))

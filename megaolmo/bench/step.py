@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from megaolmo.bench.report import write_rows
 from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
-from megaolmo.convert import config_to_hf, state_to_hf
 from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.hf_format import config_to_hf, state_to_hf
 from megaolmo.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
 from megaolmo.model.parallelize import ParallelOLMo
 
