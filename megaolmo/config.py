@@ -240,7 +240,9 @@ class TrainerConfig:
     keep_every: int | None = None  # keep every checkpoint whose step is a multiple of this, for good
     resume: str = "auto"  # auto (latest in run_dir/checkpoints, if any) | none | a checkpoint directory
     eval_interval: int = 100  # evaluate on the held-out split every N steps (0 disables)
-    eval_batches: int = 8  # micro-batches per source per evaluation
+    eval_batches: int = 8  # global batches' worth of held-out sequences per source per evaluation
+    downstream_tasks: list[str] = field(default_factory=list)  # task files (megaolmo.eval) scored every evaluation
+    downstream_limit: int | None = None  # examples per task in the loop; null: all
     log_interval: int = 10  # write metrics every N steps
     z_loss: float = 0.0  # z-loss multiplier (OLMo-2 uses 1e-5)
     nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the step | stop the run

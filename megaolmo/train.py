@@ -30,6 +30,8 @@ from megaolmo.config import Config, ConfigError
 from megaolmo.data import DataError, GlobalBatches, MemmapDataset, builtin_corpus, check_compatible
 from megaolmo.data.dataset import dp_rows
 from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.eval.errors import EvalError
+from megaolmo.eval.in_loop import InLoopDownstream
 from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_device, peak_memory_gib, plot_losses
 from megaolmo.model.parallelize import ParallelOLMo, validate_layout
 from megaolmo.optim import build_optimizer, learning_rate, max_grad_norm
@@ -62,6 +64,7 @@ class DataSources:
         for paths in (train, valid):
             if paths:
                 check_compatible(paths, tokenizer, config.model.vocab_size)
+        self.tokenizer = tokenizer
         self.train = MemmapDataset(train, seq_len, data.dtype)
         self.valid = {path.stem: MemmapDataset([path], seq_len, data.dtype) for path in valid}
 
@@ -92,19 +95,27 @@ def layout_or_hint(config: Config) -> tuple:
 
 
 def evaluate(model: ParallelOLMo, sources: dict[str, MemmapDataset], config: Config) -> dict[str, float]:
-    """Loss, perplexity and bits per byte per held-out source, on the same instances for every layout."""
+    """Loss, perplexity and bits per byte per held-out source, on the same instances for every layout:
+    the first eval_batches x global_batch_size of each source, in chunks that pad the last one."""
     trainer, dp = config.trainer, model.mesh.dp
-    per_batch = trainer.micro_batch_size * dp
-    micro_batches = max(trainer.eval_batches, config.parallel.pp)  # a pipeline needs one per stage at least
+    per_rank = trainer.micro_batch_size * max(config.parallel.pp, 1)
     metrics = {}
     for source, dataset in sources.items():
-        count = min(len(dataset), micro_batches * per_batch) // per_batch * per_batch
+        count = min(len(dataset), trainer.eval_batches * trainer.global_batch_size)
         if count == 0:
             continue
-        batch = dataset.get_batch(range(count))
-        rows = dp_rows(count, model.mesh.dp_rank, dp)
-        ce_sum, tokens = model.evaluate(batch[rows], shifted_labels(batch)[rows], trainer.micro_batch_size)
-        loss = ce_sum / tokens
+        nll, tokens = 0.0, 0
+        for start in range(0, count, per_rank * dp):
+            batch = dataset.get_batch(range(start, min(start + per_rank * dp, count)))
+            labels = shifted_labels(batch)
+            padding = per_rank * dp - len(batch)
+            if padding:
+                batch = torch.cat([batch, torch.zeros(padding, batch.shape[1], dtype=batch.dtype)])
+                labels = torch.cat([labels, torch.full((padding, labels.shape[1]), IGNORE, dtype=labels.dtype)])
+            rows = dp_rows(len(batch), model.mesh.dp_rank, dp)
+            chunk_nll, chunk_tokens = model.evaluate(batch[rows], labels[rows], trainer.micro_batch_size)
+            nll, tokens = nll + chunk_nll, tokens + chunk_tokens
+        loss = nll / tokens
         metrics[f"eval/{source}/loss"] = loss
         metrics[f"eval/{source}/perplexity"] = math.exp(min(loss, 50.0))
         if dataset.bytes_per_token:
@@ -123,6 +134,11 @@ def train(config: Config) -> None:
             f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={model_config.max_sequence_length}"
         )
     data = DataSources(config, seq_len)
+    downstream = None
+    if trainer.downstream_tasks:
+        if data.tokenizer is None:
+            raise ConfigError("trainer.downstream_tasks needs data.tokenizer (the tokenizer the data was made with)")
+        downstream = InLoopDownstream(trainer.downstream_tasks, data.tokenizer, trainer.downstream_limit)
     batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed)
     init_distributed(device_type(config.parallel))
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
@@ -181,8 +197,10 @@ def train(config: Config) -> None:
             "skipped_steps": skipped,
         }
         last = step == stop - 1
-        if trainer.eval_interval and data.valid and ((step + 1) % trainer.eval_interval == 0 or last):
+        if trainer.eval_interval and ((step + 1) % trainer.eval_interval == 0 or last):
             values.update(evaluate(model, data.valid, config))
+            if downstream is not None:
+                values.update(downstream(model, trainer.micro_batch_size))
         if rank_zero:
             if (step + 1) % trainer.log_interval == 0 or last or any(k.startswith("eval/") for k in values):
                 writer.write(step + 1, values)
@@ -264,7 +282,7 @@ def save_weights(model: ParallelOLMo, path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(OmegaConf.to_object(cfg))
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

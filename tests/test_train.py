@@ -10,20 +10,27 @@ from training_run import TINY, VOCAB, data_args, losses, train
 
 
 def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:
-    single = train([*TINY, *data_args(dataset)], tmp_path / "single")
+    tasks = [f"trainer.downstream_tasks=[{dataset['task']}]"]
+    single = train([*TINY, *data_args(dataset), *tasks], tmp_path / "single")
     assert single.returncode == 0, single.stderr[-3000:]
-    layout = train([*TINY, *data_args(dataset), "parallel=tp2_pp2_dp2"], tmp_path / "tp2_pp2_dp2", ranks=8)
+    layout = train([*TINY, *data_args(dataset), *tasks, "parallel=tp2_pp2_dp2"], tmp_path / "tp2_pp2_dp2", ranks=8)
     assert layout.returncode == 0, layout.stderr[-3000:]
     expected, got = losses(tmp_path / "single"), losses(tmp_path / "tp2_pp2_dp2")
     assert len(expected) == 5 and expected[-1] < expected[0]
     for a, b in zip(got, expected):
         assert abs(a - b) <= 1e-5 * b, (got, expected)
+    evals = []
     for run in ("single", "tp2_pp2_dp2"):
         records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         step5 = next(r for r in records if r["step"] == 5 and "loss" in r)
         assert {"lr", "grad_norm", "tokens", "tokens_per_second", "mfu", "eval/valid_web/bits_per_byte"} <= set(step5)
+        evals.append({k: v for k, v in step5.items() if k.startswith("eval/")})
         assert (tmp_path / run / "loss.png").stat().st_size > 0
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
+    # The held-out loss and the downstream accuracy (the same evaluators) agree across layouts too.
+    assert evals[0].keys() == evals[1].keys() and "eval/downstream/synthetic/accuracy" in evals[0]
+    for key, value in evals[0].items():
+        assert abs(evals[1][key] - value) <= 1e-5 * max(abs(value), 1.0), key
 
 
 def test_final_weights_load_with_megaolmo_load(dataset, tmp_path: Path) -> None:

@@ -22,10 +22,7 @@ TINY = [
 
 
 def write_dolma(path: Path, source: str, n_docs: int, seed: int) -> None:
-    rng = random.Random(seed)
-    vocabulary = random.Random(0)  # the same words in every file, so the tokenizer fits them all
-    words = ["".join(vocabulary.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(vocabulary.randint(2, 9)))
-             for _ in range(400)]  # fmt: skip
+    rng, words = random.Random(seed), _words()
     with gzip.open(path, "wt") as handle:
         for i in range(n_docs):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
@@ -39,7 +36,30 @@ def prepare_dataset(root: Path) -> dict[str, Path]:
     write_dolma(root / "valid_web.jsonl.gz", "web", 30, 2)
     prepare([root / "web.jsonl.gz", root / "code.jsonl.gz"], root / "train", None, VOCAB, progress=False)
     prepare([root / "valid_web.jsonl.gz"], root / "valid", root / "train" / "tokenizer.json", None, progress=False)
-    return {"train": root / "train", "valid": root / "valid", "tokenizer": root / "train" / "tokenizer.json"}
+    write_task(root / "tasks" / "synthetic.jsonl", 12)
+    return {
+        "train": root / "train",
+        "valid": root / "valid",
+        "tokenizer": root / "train" / "tokenizer.json",
+        "task": root / "tasks" / "synthetic.jsonl",
+    }
+
+
+def write_task(path: Path, n_examples: int) -> None:
+    """A multiple-choice task in megaolmo.eval's simple format, over the corpus's words."""
+    rng, words = random.Random(5), _words()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for _ in range(n_examples):
+            context = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+            choices = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(4)]
+            handle.write(json.dumps({"context": context, "choices": choices, "label": rng.randrange(4)}) + "\n")
+
+
+def _words() -> list[str]:
+    vocabulary = random.Random(0)  # the same words in every file, so the tokenizer fits them all
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["".join(vocabulary.choice(letters) for _ in range(vocabulary.randint(2, 9))) for _ in range(400)]
 
 
 def data_args(data: dict[str, Path]) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 from megaolmo.data.tokenizer import eos_id
 from megaolmo.eval.errors import EvalError
 from megaolmo.eval.runtime import gather, my_share, rank_and_world
-from megaolmo.eval.scoring import Model, Row, score_rows
+from megaolmo.eval.scoring import Model, Row, Scorer, score_rows
 from megaolmo.eval.tasks import NORMALIZATIONS, Example, Task
 
 UNCONDITIONAL_PROMPT = "Answer:"
@@ -96,15 +96,19 @@ def score_examples(
     batch_size: int = 32,
     progress: bool = False,
     desc: str = "downstream",
+    scorer: Scorer | None = None,
 ) -> list[dict[str, list]]:
-    """Per example (in order, gathered over ranks): logprobs, uncond_logprobs, tokens and chars per choice."""
+    """Per example (in order, gathered over ranks): logprobs, uncond_logprobs, tokens and chars per choice.
+
+    With a `scorer` (e.g. a model sharded over TP x PP x DP, in the training loop) every rank scores every
+    example through it, and the scorer splits the work; otherwise ranks share the examples."""
     encoder = _Encoder(tokenizer)
     for example in examples:  # every rank checks every choice, so a bad one stops all ranks alike
         for continuation in example.continuations:
             choice_row([encoder.eos], encoder.continuation(continuation), max_length)
     rows: dict[Row, int] = {}  # identical rows are scored once
     plans = []
-    for index, example in my_share(examples):
+    for index, example in my_share(examples) if scorer is None else enumerate(examples):
         plan: dict[str, Any] = {"label": example.label, "cond": [], "uncond": [], "tokens": [], "chars": []}
         uncond_context = encoder.context(example.unconditional or unconditional_prompt)
         for context, continuation in zip(example.contexts, example.continuations):
@@ -115,7 +119,10 @@ def score_examples(
             plan["chars"].append(characters(continuation))
         plans.append((index, plan))
     show = progress and rank_and_world()[0] == 0
-    logprobs = score_rows(model, list(rows), device, batch_size, encoder.eos, show, desc)
+    if scorer is None:
+        logprobs = score_rows(model, list(rows), device, batch_size, encoder.eos, show, desc)
+    else:
+        logprobs = scorer(list(rows))
     mine = []
     for index, plan in plans:
         scored = {
@@ -126,7 +133,7 @@ def score_examples(
             "chars": plan["chars"],
         }
         mine.append((index, scored))
-    return gather(mine)
+    return gather(mine) if scorer is None else [scored for _, scored in mine]
 
 
 def evaluate_tasks(
@@ -140,6 +147,7 @@ def evaluate_tasks(
     batch_size: int = 32,
     progress: bool = False,
     per_example: bool = False,
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
     """Accuracy of `model` on each task and their average.
 
@@ -158,7 +166,16 @@ def evaluate_tasks(
     results: dict[str, Any] = {}
     for task in tasks:
         scored = score_examples(
-            model, tokenizer, task.examples, unconditional_prompt, max_length, device, batch_size, progress, task.name
+            model,
+            tokenizer,
+            task.examples,
+            unconditional_prompt,
+            max_length,
+            device,
+            batch_size,
+            progress,
+            task.name,
+            scorer,
         )
         chosen = normalization or task.normalization
         by_normalization = {

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # token ids [b, s] int64 -> logits [b, s, padded vocab]
+Scorer = Callable[[Sequence["Row"]], list[float]]  # rows -> summed log-probability of each row's scored tokens
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ class ParallelOLMo:
             self.mesh.build_embedding_group()
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._normalizer = 1.0
-        self._loss_sums: list[torch.Tensor] = []
+        self._loss_sums: list[torch.Tensor] = []  # [ce, z] sums of each micro-batch
+        self._row_sums: list[torch.Tensor] = []  # cross entropy of each row
 
     def _build_stage(self, stage: OLMo, seed: int) -> None:
         if self.mesh.tp_group is not None and self.mesh.tp > 1:
@@ -167,6 +168,7 @@ class ParallelOLMo:
         ce_sum = ce.sum()
         z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier if z_loss else 0 * ce_sum
         self._loss_sums.append(torch.stack([ce_sum.detach(), z_sum.detach()]))
+        self._row_sums.append(ce.detach().sum(-1))
         return (ce_sum + z_sum) / self._normalizer
 
     def _schedule(self, micro_batch_size: int, seq_len: int, n_microbatches: int):
@@ -223,7 +225,7 @@ class ParallelOLMo:
         if self.mesh.dp_group is not None:
             dist.all_reduce(tokens, group=self.mesh.dp_group)
         self._normalizer = max(int(tokens), 1)
-        self._loss_sums = []
+        self._loss_sums, self._row_sums = [], []
         if self.parallel.pp == 1:
             self._accumulate(input_ids, labels, micro_batch_size)
         else:
@@ -235,12 +237,13 @@ class ParallelOLMo:
         return self._reduce_losses()
 
     @torch.no_grad()
-    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> tuple[float, int]:
-        """Summed cross entropy and target-token count of this DP rank's share, summed over DP. Forward only."""
+    def row_losses(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+        """Summed cross entropy of each row of this DP rank's share [B / dp, s] (CPU, on every rank of the
+        share's TP x PP group). Forward only."""
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
         input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
         self._normalizer = 1.0
-        self._loss_sums = []
+        self._loss_sums, self._row_sums = [], []
         if self.parallel.pp == 1:
             (stage,) = self.stages
             for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
@@ -250,14 +253,20 @@ class ParallelOLMo:
             schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
             first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
             schedule.eval(*((input_ids,) if first else ()), target=labels if last else None)
-        tokens = (labels != self.ignore_index).sum()
-        sums = torch.stack(self._loss_sums).sum(0) if self._loss_sums else torch.zeros(2, device=self.mesh.device)
-        for group in (self.mesh.pp_group, self.mesh.dp_group):
-            if group is not None:
-                dist.all_reduce(sums, group=group)
+        rows = torch.cat(self._row_sums) if self._row_sums else torch.zeros(len(input_ids), device=self.mesh.device)
+        if self.mesh.pp_group is not None:
+            dist.all_reduce(rows, group=self.mesh.pp_group)  # only the last stage computed them
+        return rows.cpu()
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> tuple[float, int]:
+        """Summed cross entropy and target-token count of this DP rank's share, summed over DP. Forward only."""
+        sums = torch.stack(
+            [self.row_losses(input_ids, labels, micro_batch_size).sum(), (labels != self.ignore_index).sum()]
+        )
+        sums = sums.to(self.mesh.device, torch.float64)
         if self.mesh.dp_group is not None:
-            dist.all_reduce(tokens, group=self.mesh.dp_group)
-        return sums[0].item(), int(tokens)
+            dist.all_reduce(sums, group=self.mesh.dp_group)
+        return sums[0].item(), int(sums[1].item())
 
     def _autocast(self):
         """Mixed precision for a single process (FSDP's policy does it when sharded)."""
