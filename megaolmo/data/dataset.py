@@ -101,7 +101,6 @@ class MemmapDataset:
             self.dtypes.append(file_dtype)
             tokens.append(n_tokens)
             text_bytes.append(entry.get("bytes"))
-        self.tokens_per_file = tokens
         # UTF-8 bytes of text per token (EOS included), for bits per byte; None without metadata to say it
         known = None not in text_bytes and sum(tokens) > 0
         self.bytes_per_token: float | None = sum(text_bytes) / sum(tokens) if known else None
