@@ -50,4 +50,7 @@ def init_distributed(device_type: str) -> bool:
 
 
 def is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """The rank that prints and writes shared files; known from the launcher before the group exists."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
