@@ -41,6 +41,7 @@ setup(
             "ruff",
             "triton>=3.6,<3.10",
             "megatron-core",
+            "torchao",
         ],
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

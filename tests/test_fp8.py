@@ -12,8 +12,6 @@ from megaolmo.data import GlobalBatches, MemmapDataset
 from megaolmo.model.parallelize import ParallelOLMo
 from megaolmo.optim import learning_rate
 
-pytest.importorskip("torchao")
-
 CONFIG = ModelConfig(
     d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=96, vocab_size=512, max_sequence_length=64, kernels="torch"
 )

@@ -62,7 +62,7 @@ def vocab_parallel_cross_entropy(
     """Per-token cross entropy (0 where labels == ignore_index) and, if asked, the fp32 log-sum-exp of the
     full logits. Without TP this is torch's fused cross entropy, plus a log-sum-exp pass only for the z-loss."""
     if group is None or dist.get_world_size(group) == 1:
-        wide = logits.float()
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
         ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=ignore_index)
         return ce.view(labels.shape), wide.logsumexp(-1) if with_log_z else None
     return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group, ignore_index)
