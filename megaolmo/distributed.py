@@ -54,3 +54,13 @@ def is_rank_zero() -> bool:
     if dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def shutdown(clean: bool) -> None:
+    """Leave the job. After a clean run every rank first waits for the others: gloo aborts a process
+    whose peers tear down their connections while it still finishes its last messages."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -29,7 +29,7 @@ from megaolmo.checkpoint import CheckpointError, save_consolidated
 from megaolmo.config import Config, ConfigError
 from megaolmo.data import DataError, GlobalBatches, MemmapDataset, builtin_corpus, check_compatible
 from megaolmo.data.dataset import dp_rows
-from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.eval.errors import EvalError
 from megaolmo.eval.in_loop import InLoopDownstream
 from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_device, peak_memory_gib, plot_losses
@@ -280,14 +280,15 @@ def save_weights(model: ParallelOLMo, path: Path) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    clean = False
     try:
         train(OmegaConf.to_object(cfg))
+        clean = True
     except (ConfigError, DataError, CheckpointError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(clean)
 
 
 if __name__ == "__main__":

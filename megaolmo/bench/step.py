@@ -16,12 +16,11 @@ import importlib.util
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megaolmo.bench.report import write_rows
 from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
-from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size
+from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.hf_format import config_to_hf, state_to_hf
 from megaolmo.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
 from megaolmo.model.parallelize import ParallelOLMo
@@ -132,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{where}: {preset}, {world} rank(s) tp={args.tp} pp={args.pp}, micro-batch {args.micro_batch_size} x "
               f"{seq_len} tokens, {str(dtype).removeprefix('torch.')}, median of {args.steps} steps")  # fmt: skip
         write_rows(rows, args.out)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown(clean=True)
     return 0
 
 

@@ -15,11 +15,10 @@ import argparse
 import sys
 from typing import Any
 
-import torch.distributed as dist
-
 from megaolmo.data import DataError, iter_documents, load_tokenizer
 from megaolmo.data.dolma import dolma_files
 from megaolmo.data.tokenizer import vocab_size
+from megaolmo.distributed import shutdown
 from megaolmo.eval.downstream import UNCONDITIONAL_PROMPT, evaluate_tasks
 from megaolmo.eval.errors import EvalError
 from megaolmo.eval.perplexity import score_documents
@@ -105,14 +104,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    clean = False
     try:
         run(args)
+        clean = True
     except (EvalError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(clean)
     return 0
 
 
