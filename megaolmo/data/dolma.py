@@ -6,13 +6,11 @@ what people write by hand. Reading streams line by line, so a file of any size c
 
 from __future__ import annotations
 
-import gzip
-import json
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megaolmo.data.errors import DataError
+from megaolmo.data.jsonl import json_objects
 
 SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl")
 
@@ -49,29 +47,12 @@ def dolma_files(paths: Sequence[str | Path]) -> list[Path]:
 def _read_file(path: Path) -> Iterator[dict]:
     """Documents of one Dolma file; a bad line stops with its file and line number."""
     source = dolma_stem(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not a JSON object ({err.msg}); one document per line") from None
-                if not isinstance(doc, dict):
-                    raise DataError(f"{path}:{number}: a {type(doc).__name__} instead of a JSON object document")
-                if not isinstance(doc.get("text"), str):
-                    what = "has no" if "text" not in doc else "has a non-string"
-                    raise DataError(f"{path}:{number}: document {what} 'text' field; every document needs its text")
-                doc.setdefault("source", source)
-                yield doc
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a line)") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: corrupt gzip file ({err}); write it again") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    for number, doc in json_objects(path, DataError, "document"):
+        if not isinstance(doc.get("text"), str):
+            what = "has no" if "text" not in doc else "has a non-string"
+            raise DataError(f"{path}:{number}: document {what} 'text' field; every document needs its text")
+        doc.setdefault("source", source)
+        yield doc
 
 
 def iter_documents(paths: Sequence[str | Path]) -> Iterator[dict]:

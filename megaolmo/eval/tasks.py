@@ -25,14 +25,13 @@ in the idx) is one EvalError line, raised before any model is loaded.
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megaolmo.data.jsonl import json_objects
 from megaolmo.eval.errors import EvalError
 
 NORMALIZATIONS = ("none", "per-token", "per-character", "unconditional")
@@ -115,25 +114,7 @@ def _resolve(raw: str | Path) -> Path:
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, JSON object) for every non-blank line; a bad line stops with its number."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise EvalError(f"{path}:{number}: not valid JSON ({err.msg}); one example per line") from None
-                if not isinstance(record, dict):
-                    raise EvalError(f"{path}:{number}: a {type(record).__name__} instead of a JSON object")
-                yield number, record
-    except UnicodeDecodeError as err:
-        raise EvalError(f"{path}: not UTF-8 text ({err.reason})") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise EvalError(f"{path}: corrupt gzip file ({err})") from None
-    except OSError as err:
-        raise EvalError(f"{path}: cannot read ({err.strerror or err})") from None
+    return json_objects(path, EvalError, "example")
 
 
 def _field(record: dict, key: str, kind: type, where: str) -> Any:
