@@ -90,7 +90,7 @@ def test_iter_documents_skips_blank_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: not a JSON object"),
+        ('{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: not valid JSON"),
         ('{"text": "ok"}\n{"id": "x"}\n', r"bad\.jsonl:2: document has no 'text'"),
         ('{"text": 3}\n', r"bad\.jsonl:1: document has a non-string 'text'"),
         ("[1, 2]\n", r"bad\.jsonl:1: a list instead of a JSON object"),
