@@ -34,7 +34,9 @@ def rope_cos_sin_cached(seq_len: int, head_dim: int, theta: float, device: torch
     return rope_cos_sin(torch.arange(seq_len, device=device), head_dim, theta)
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Probed once: `get` is called on every norm, RoPE and SwiGLU of every step."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -60,7 +60,7 @@ def apply_fp8(stage: nn.Module, linear: str, config: Fp8Config, n_layers: int, a
             continue
         layer.linear = _torchao_linear(local, config) if linear == "torchao" else _te_linear(local)
     if linear == "te":
-        stage.forward = functools.partial(_te_autocast_forward, stage.forward, config, amax_group)
+        stage.forward = functools.partial(_te_autocast_forward, stage.forward, te_recipe(config), amax_group)
     return kept
 
 
@@ -98,11 +98,11 @@ def te_recipe(config: Fp8Config):
     return recipe.MXFP8BlockScaling(fp8_format=fp8_format)
 
 
-def _te_autocast_forward(forward, config: Fp8Config, amax_group, *args, **kwargs):
+def _te_autocast_forward(forward, recipe, amax_group, *args, **kwargs):
     """Each stage forward (one micro-batch) inside fp8_autocast, the amax reduced over TP x DP."""
     import transformer_engine.pytorch as te
 
-    with te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(config), fp8_group=amax_group):
+    with te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group):
         return forward(*args, **kwargs)
 
 
