@@ -288,10 +288,26 @@ def _restore(target: torch.Tensor, canonical: torch.Tensor, layer: nn.Module) ->
         target.copy_(local)
 
 
+def _verified_once(path: Path) -> dict:
+    """`verify` on rank 0 only (it reads and hashes every file), its verdict shared with every rank."""
+    if not _distributed():
+        return verify(path)
+    verdict: list = [None]
+    if _rank() == 0:
+        try:
+            verdict[0] = verify(path)
+        except CheckpointError as err:
+            verdict[0] = str(err)
+    dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise CheckpointError(verdict[0])
+    return verdict[0]
+
+
 @torch.no_grad()
 def load(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
     """Load a checkpoint (saved at any layout) into this layout's model and optimizer; returns its state."""
-    state = verify(path)
+    state = _verified_once(path)
     check_same_model(state["model"], model.config, path)
     tp_mesh = _tp_mesh(model)
     template: dict[str, torch.Tensor] = {}
