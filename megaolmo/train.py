@@ -12,6 +12,7 @@ parameter name): the same seed gives the same run on every layout.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megaolmo import sharded_checkpoint
 from megaolmo.checkpoint import CheckpointError, save_consolidated
-from megaolmo.config import Config, ConfigError
+from megaolmo.config import CONF_DIR, Config, ConfigError
 from megaolmo.data import DataError, GlobalBatches, MemmapDataset, builtin_corpus, check_compatible
 from megaolmo.data.dataset import dp_rows
 from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size, shutdown
@@ -36,9 +37,12 @@ from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from megaolmo.model.parallelize import ParallelOLMo, validate_layout
 from megaolmo.optim import build_optimizer, learning_rate, max_grad_norm
 from megaolmo.parallel.mesh import device_type, resolve_dp
+from megaolmo.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from megaolmo.sharded_checkpoint import checkpoint_name, find_resume_point, remove_incomplete
+from megaolmo.sweep import register_point_resolver
 
 ConfigStore.instance().store(name="megaolmo_schema", node=Config)
+register_point_resolver()
 IGNORE = -100
 
 
@@ -123,7 +127,8 @@ def evaluate(model: ParallelOLMo, sources: dict[str, MemmapDataset], config: Con
     return metrics
 
 
-def train(config: Config) -> None:
+def train(config: Config, stop_request: StopRequest) -> bool:
+    """Train to `trainer.stop_at` or `max_steps`; True when a stop signal ended the run early, after a checkpoint."""
     run_dir = Path(config.trainer.run_dir)
     model_config, dp = layout_or_hint(config)
     check_batch_layout(config, dp)
@@ -210,8 +215,22 @@ def train(config: Config) -> None:
                     mfu=f"{100 * values['mfu']:.1f}%",
                 )  # fmt: skip
                 progress.update()
-        if (trainer.save_interval and (step + 1) % trainer.save_interval == 0) or step + 1 == trainer.stop_at:
+        saved = bool(trainer.save_interval and (step + 1) % trainer.save_interval == 0) or step + 1 == trainer.stop_at
+        if saved:
             save_checkpoint(config, run_dir, step + 1, model, optimizer, batches, required=step + 1 == stop)
+        if stop_request.agreed(device) and step + 1 < stop:
+            if not saved:
+                save_checkpoint(config, run_dir, step + 1, model, optimizer, batches, required=True)
+            if rank_zero:
+                if progress is not None:
+                    progress.close()
+                writer.close()
+                print(
+                    f"stop signal ({stop_request.signal_name or 'on another rank'}) after step {step + 1}: "
+                    f"saved {run_dir}/checkpoints/{checkpoint_name(step + 1)}; exit {PREEMPTED_EXIT_CODE} to requeue",
+                    file=sys.stderr,
+                )
+            return True
     if stop == trainer.max_steps:
         save_weights(model, run_dir / "final")
     if rank_zero and stop > start_step:
@@ -225,6 +244,7 @@ def train(config: Config) -> None:
             f"trained to step {stop} ({tokens_seen:,} tokens), final loss {losses.ce:.4f}, "
             f"peak memory {peak_memory_gib(device):.2f} GiB; wrote {run_dir}/metrics.jsonl, loss.png, {outputs}"
         )
+    return False
 
 
 def resume(config: Config, run_dir: Path, model: ParallelOLMo, optimizer, batches: GlobalBatches) -> int:
@@ -278,18 +298,26 @@ def save_weights(model: ParallelOLMo, path: Path) -> None:
         dist.barrier()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    clean = False
+    stop_request = StopRequest()
+    clean = preempted = False
     try:
-        train(OmegaConf.to_object(cfg))
+        preempted = train(OmegaConf.to_object(cfg), stop_request)
         clean = True
     except (ConfigError, DataError, CheckpointError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
+        stop_request.restore()
         shutdown(clean)
+    if preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-    main()
+    if not is_rank_zero() and not any(arg.startswith("hydra.output_subdir=") for arg in sys.argv[1:]):
+        sys.argv.append("hydra.output_subdir=null")  # rank 0 records the composed config; the others need not
+    # Run the entry point of the importable module, not of __main__: a Slurm sweep (submitit) pickles the
+    # task function, by reference when it lives in a module a job can import.
+    importlib.import_module("megaolmo.train").main()
