@@ -1,0 +1,167 @@
+"""The Slurm recipes and Hydra sweeps against a real one-node Slurm (`bash slurm/local/start.sh`).
+
+Without a running Slurm these tests skip, unless MEGAOLMO_REQUIRE_SLURM=1 (as
+in CI), where a missing cluster is a failure rather than a silent skip.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from training_run import TINY, data_args
+
+REPO = Path(__file__).resolve().parent.parent
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+STEPS = 8
+# The tiny model on 8 CPU ranks, TP2 (with SP) x PP2 x DP2, in place of the recipe's 65B on 512 GPUs.
+RECIPE_OVERRIDES = [
+    "model=olmo_tiny", "optim=tiny", "trainer=tiny", "cluster=local_cpu", "parallel=tp2_pp2_dp2", "parallel.vp=1",
+    "parallel.pp_schedule=1f1b", "parallel.activation_checkpointing=none", "model.n_layers=4", *TINY,
+    f"trainer.max_steps={STEPS}", "trainer.seq_len=64", "trainer.eval_interval=0", "trainer.save_interval=null",
+]  # fmt: skip
+SBATCH_FOR_CPU = ["--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
+
+
+def slurm_running() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False).stdout.split()
+    return any(state.rstrip("*") in {"idle", "mix", "alloc"} for state in states)
+
+
+if not slurm_running():
+    if os.environ.get("MEGAOLMO_REQUIRE_SLURM") == "1":
+        raise RuntimeError("MEGAOLMO_REQUIRE_SLURM=1 but no Slurm answers; start one: bash slurm/local/start.sh")
+    pytest.skip("no Slurm running here (start one: bash slurm/local/start.sh)", allow_module_level=True)
+
+
+def job_environment(runs: Path) -> dict[str, str]:
+    """This interpreter's environment first on PATH (sbatch passes the environment on), runs kept in `runs`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "MEGAOLMO_RUNS": str(runs)}
+
+
+def submit(name: str, runs: Path, overrides: list[str]) -> str:
+    command = ["sbatch", "--parsable", f"--job-name={name}", f"--output={runs}/{name}.out", *SBATCH_FOR_CPU]
+    result = subprocess.run(
+        [*command, "slurm/olmo65b.sh", *overrides],
+        cwd=REPO, env=job_environment(runs), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return result.stdout.strip().split(";")[0]
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+def wait_for(job_id: str, timeout: float = 900.0) -> dict[str, str]:
+    """Poll until the job ends. A requeued job is held back for two minutes (BeginTime); release it at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(job_id)
+        if fields["JobState"] in FINISHED:
+            return fields
+        if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        time.sleep(1.0)
+    subprocess.run(["scancel", job_id], check=False)
+    raise TimeoutError(f"job {job_id} still {fields['JobState']} after {timeout:.0f} s")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in metrics(run_dir) if "loss" in record}
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """`sbatch slurm/olmo65b.sh` with the tiny overrides, uninterrupted."""
+    runs = tmp_path_factory.mktemp("slurm-runs")
+    job_id = submit("straight", runs, [*RECIPE_OVERRIDES, *data_args(dataset)])
+    return runs, wait_for(job_id)
+
+
+def test_recipe_trains_tp2_pp2_dp2_on_slurm(straight_run: tuple[Path, dict[str, str]]) -> None:
+    runs, fields = straight_run
+    log = (runs / "straight.out").read_text()
+    assert fields["JobState"] == "COMPLETED", log
+    assert fields["ExitCode"] == "0:0"
+    assert "8 ranks on 1 node(s)" in log
+    run_dir = runs / "straight"
+    assert sorted(step_losses(run_dir)) == list(range(1, STEPS + 1))
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_preempted_job_requeues_and_ends_with_the_same_losses(
+    straight_run: tuple[Path, dict[str, str]], dataset: dict
+) -> None:
+    runs = straight_run[0]
+    job_id = submit("preempted", runs, [*RECIPE_OVERRIDES, *data_args(dataset)])
+    run_dir = runs / "preempted"
+    deadline = time.monotonic() + 600
+    while len(step_losses(run_dir)) < 2:  # signal once training is under way, as Slurm's warning would
+        assert time.monotonic() < deadline, "the job never logged its second step"
+        assert job_fields(job_id)["JobState"] not in FINISHED, (runs / "preempted.out").read_text()
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    fields = wait_for(job_id)
+    log = (runs / "preempted.out").read_text()
+    assert fields["JobState"] == "COMPLETED", log
+    assert fields["Restarts"] == "1", log
+    assert "stopped with a checkpoint; requeueing" in log
+    assert "leg 2" in log and "resumed from" in log
+    straight = step_losses(runs / "straight")
+    resumed = step_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-6), step
+
+
+def test_sweep_runs_one_slurm_job_per_point_and_summarizes(dataset: dict, tmp_path: Path) -> None:
+    """A Hydra sweep through submitit, 2 ranks (DP2) per point, matches the same sweep run here one point
+    after another on one process."""
+    sweep = [*TINY, *data_args(dataset), "optim.lr=1e-3,3e-3", "trainer.eval_interval=0"]
+    local = subprocess.run(
+        [sys.executable, "-m", "megaolmo.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'local'}"],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    on_slurm = subprocess.run(
+        [
+            sys.executable, "-m", "megaolmo.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'slurm'}",
+            "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=15", "parallel.dp=2",
+        ],
+        cwd=tmp_path, env=job_environment(tmp_path), capture_output=True, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    assert on_slurm.returncode == 0, on_slurm.stderr
+    assert "sweep summary: 2 point(s)" in on_slurm.stdout
+    for name in ("local", "slurm"):
+        points = sorted(path.name for path in (tmp_path / name).iterdir() if (path / "metrics.jsonl").is_file())
+        assert points == ["optim.lr=0.001", "optim.lr=0.003"]  # named after what the sweep varies
+    with (tmp_path / "slurm" / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["optim.lr"] for row in rows} == {"0.001", "0.003"}
+    losses = [float(row["loss"]) for row in rows]
+    assert losses == sorted(losses)
+    assert {row["status"] for row in rows} == {"finished"}
+    for point in (tmp_path / "slurm").iterdir():
+        if (point / "metrics.jsonl").is_file():
+            here = step_losses(tmp_path / "local" / point.name)
+            assert step_losses(point) == pytest.approx(here, rel=1e-5)
