@@ -27,6 +27,7 @@ setup(
         "safetensors",
         "pyyaml",
         "hydra-core>=1.3.2",
+        "hydra-submitit-launcher>=1.2",  # sweeps as Slurm jobs: hydra/launcher=submitit_slurm
         "tokenizers",
         "tqdm",
         "tensorboard",
