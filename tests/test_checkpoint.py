@@ -180,3 +180,29 @@ def test_retention_keeps_the_last_k_and_every_mth(dataset, tmp_path: Path) -> No
     state = json.loads((checkpoints(run_dir) / "step000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["data"]["samples_seen"] == 6 * 8
     shutil.rmtree(run_dir)
+
+
+def test_sigterm_saves_after_the_step_in_flight_and_resumes_exactly(dataset, tmp_path: Path) -> None:
+    """A scheduler's stop signal costs no progress: a checkpoint at the step boundary, exit 75, exact resume."""
+    run_dir = tmp_path / "run"
+    long = ["trainer.max_steps=30", "trainer.eval_interval=0"]
+    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
+               *TINY, *data_args(dataset), *long]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
+        assert time.time() < deadline and process.poll() is None, "the run never logged its second step"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 75, stderr[-3000:]
+    stopped_at = len(losses(run_dir))
+    assert stopped_at < 30, "the run finished before the signal arrived"
+    assert f"stop signal (SIGTERM) after step {stopped_at}" in stderr
+    assert (checkpoints(run_dir) / "latest").read_text().strip() == f"step{stopped_at:06d}"
+    resumed = train([*TINY, *data_args(dataset), *long], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight_dir = tmp_path / "straight"
+    straight = train([*TINY, *data_args(dataset), *long], straight_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert losses(run_dir) == losses(straight_dir)
