@@ -6,7 +6,7 @@ if pgrep -x slurmctld > /dev/null; then
   scontrol shutdown || true
 fi
 for _ in $(seq 30); do
-  pgrep -x 'slurmctld|slurmd' > /dev/null || break
+  pgrep -x slurmctld > /dev/null || pgrep -x slurmd > /dev/null || break
   sleep 1
 done
 pkill -x slurmd 2> /dev/null || true
