@@ -30,11 +30,12 @@ RECIPE_OVERRIDES = [
 SBATCH_FOR_CPU = ["--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 
 
+def node_states() -> list[str]:
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False).stdout.split()
+
+
 def slurm_running() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False).stdout.split()
-    return any(state.rstrip("*") in {"idle", "mix", "alloc"} for state in states)
+    return shutil.which("sbatch") is not None and any(s in {"idle", "mix", "alloc"} for s in node_states())
 
 
 if not slurm_running():
@@ -64,14 +65,19 @@ def job_fields(job_id: str) -> dict[str, str]:
 
 
 def wait_for(job_id: str, timeout: float = 900.0) -> dict[str, str]:
-    """Poll until the job ends. A requeued job is held back for two minutes (BeginTime); release it at once."""
+    """Poll until the job ends. Slurm holds a requeued job back for two minutes (BeginTime) while the node
+    cleans up after the last leg; release it as soon as the node is idle again (earlier, Slurm refuses to
+    launch it: "Job credential revoked")."""
     deadline = time.monotonic() + timeout
+    held_since = None
     while time.monotonic() < deadline:
         fields = job_fields(job_id)
         if fields["JobState"] in FINISHED:
             return fields
         if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 5.0 and node_states() == ["idle"]:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
         time.sleep(1.0)
     subprocess.run(["scancel", job_id], check=False)
     raise TimeoutError(f"job {job_id} still {fields['JobState']} after {timeout:.0f} s")
