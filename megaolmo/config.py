@@ -273,6 +273,12 @@ class ClusterConfig:
     peak_tflops: float | None = None  # dense bf16 (fp32 on CPU) TFLOP/s per device; null: measured at start
     gpus_per_node: int = 0  # 0 on CPU-only machines
     nodes: int = 1  # machines in the job
+    memory_gib: float | None = None  # memory per device (GiB) the planner fits into; null: this machine's RAM
+    memory_reserve_gib: float = 0.0  # per device, kept free by the planner: CUDA context, NCCL buffers, fragmentation
+    hbm_gbps: float | None = None  # device memory bandwidth (GB/s), for the planner's roofline
+    intra_node_gbps: float | None = None  # per-device bandwidth to a device of the same node (GB/s, one direction)
+    inter_node_gbps: float | None = None  # per-device bandwidth to another node (GB/s, one direction)
+    matmul_efficiency: float = 0.7  # fraction of peak_tflops a large GEMM (and flash attention) reaches
 
 
 @dataclass

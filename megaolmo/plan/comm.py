@@ -1,0 +1,143 @@
+"""Bytes each GPU sends per training step, per kind of parallelism, and the time they take on the links.
+
+Ring collectives over g ranks: an all-gather or reduce-scatter of a tensor of
+N bytes (the whole, gathered size) sends N (g - 1) / g bytes from every GPU, an
+all-reduce twice that. The mesh is ("pp", "dp", "tp") with tp fastest
+(parallel/mesh.py): a group runs at NVLink speed when its ranks fit in one node,
+else at the network's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaolmo.plan.hardware import Hardware
+from megaolmo.plan.layout import PipelineRank, Placement
+from megaolmo.plan.memory import FP32, dtype_bytes
+
+
+def ring(size: int) -> float:
+    """Fraction of a gathered tensor each rank sends in a ring all-gather or reduce-scatter."""
+    return (size - 1) / size
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one GPU sends for one kind of communication, and the bandwidth that carries them."""
+
+    kind: str  # tp | pp | dp_gather | dp_scatter | tied
+    name: str
+    bytes_per_step: float
+    bytes_per_second: float
+    group: str  # which ranks, in words
+
+    @property
+    def seconds(self) -> float:
+        return self.bytes_per_step / self.bytes_per_second if self.bytes_per_step else 0.0
+
+
+def activation_bytes(placement: Placement) -> float:
+    """One micro-batch's [s, b, h] activation over the whole sequence, in the compute dtype."""
+    compute, _ = dtype_bytes(placement)
+    return placement.work.seq_len * placement.layout.micro_batch_size * placement.model.d_model * compute
+
+
+def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
+    """TP collectives of one micro-batch through this rank's layers, forward and backward.
+
+    With SP, each sublayer (attention, MLP) all-gathers its input and reduce-scatters its output in forward;
+    backward mirrors both and all-gathers the input again for the weight gradient (3 per direction + 1).
+    Without SP, each sublayer all-reduces its output in forward and its input gradient in backward.
+    Full recompute runs the forward's collectives again in backward.
+    """
+    layout = placement.layout
+    tp = layout.tp
+    if tp == 1:
+        return 0.0
+    act = activation_bytes(placement)
+    recompute = layout.activation_checkpointing == "full"
+    if layout.sequence_parallel:
+        forward, backward = 4, 6  # gathers/scatters per layer
+        per_layer = (forward + backward + (forward if recompute else 0)) * ring(tp) * act
+        embedding = 2 * ring(tp) * act  # reduce-scatter forward, all-gather backward
+        head = (2 if placement.model.weight_tying else 3) * ring(tp) * act  # + the head's regather
+    else:
+        forward, backward = 2, 2  # all-reduces per layer
+        per_layer = (forward + backward + (forward if recompute else 0)) * 2 * ring(tp) * act
+        embedding = 2 * ring(tp) * act  # all-reduce forward
+        head = 2 * ring(tp) * act  # all-reduce of the input gradient
+    tokens = placement.work.seq_len * layout.micro_batch_size
+    loss = 3 * 2 * ring(tp) * tokens * FP32  # max, sum of exp and target logit over the vocabulary shards
+    return rank.layers * per_layer + (embedding if rank.first else 0.0) + (head + loss if rank.last else 0.0)
+
+
+def pp_bytes_per_microbatch(placement: Placement) -> float:
+    """Activations sent forward and gradients sent back by a middle pipeline rank for one micro-batch:
+    [s / tp if SP, b, h] per boundary of each of its vp stage modules."""
+    layout = placement.layout
+    if layout.pp == 1:
+        return 0.0
+    shard = activation_bytes(placement) / (layout.tp if layout.sequence_parallel else 1)
+    return 2 * layout.vp * shard
+
+
+def dp_gathers_per_step(placement: Placement, rank: PipelineRank) -> tuple[float, float]:
+    """How often per step FSDP all-gathers (the blocks, the root unit) of this rank.
+
+    ZeRO-3 gathers the blocks in forward and again in backward, the root unit once per micro-batch; with
+    pipelining, a backward leaves its units gathered for the next forward, which reshards them after use.
+    ZeRO-2 gathers once per micro-batch (pp = 1: resharded after each backward) or once per step (pp > 1).
+    """
+    layout, m = placement.layout, placement.n_microbatches
+    in_flight, chunks = placement.microbatches_in_flight(rank)
+    if layout.pp == 1:
+        return (2 * m if layout.reshard_after_forward else m), m
+    if layout.reshard_after_forward:
+        return chunks / layout.vp + in_flight / layout.vp, 1
+    return 1, 1
+
+
+def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traffic]:
+    """Every kind of communication of this pipeline rank in one step."""
+    layout, m = placement.layout, placement.n_microbatches
+    compute, _ = dtype_bytes(placement)
+    tp, dp, pp = layout.tp, layout.dp, layout.pp
+    out = [
+        Traffic(
+            "tp",
+            "TP (per sublayer " + ("all-gather + reduce-scatter" if layout.sequence_parallel else "all-reduce") + ")",
+            m * tp_bytes_per_microbatch(placement, rank),
+            hw.link_bytes_per_s(tp),
+            f"{tp} GPUs",
+        ),
+        Traffic(
+            "pp",
+            "PP p2p (activations forward, gradients back)",
+            m * pp_bytes_per_microbatch(placement),
+            hw.link_bytes_per_s(tp * dp * pp),
+            "neighbouring stages",
+        ),
+    ]
+    if dp > 1:
+        block_gathers, root_gathers = dp_gathers_per_step(placement, rank)
+        blocks = rank.layers * placement.block_params
+        gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank)) * compute * ring(dp)
+        precision = "bf16" if placement.work.bf16 else "fp32"
+        name = f"DP all-gather of {precision} weights ({block_gathers:g} pass{'es' if block_gathers != 1 else ''})"
+        out.append(Traffic("dp_gather", name, gathered, hw.link_bytes_per_s(tp * dp), f"{dp} GPUs"))
+        scattered = FP32 * placement.unsharded_params(rank) * ring(dp)
+        out.append(
+            Traffic(
+                "dp_scatter",
+                "DP reduce-scatter of fp32 gradients",
+                scattered,
+                hw.link_bytes_per_s(tp * dp),
+                f"{dp} GPUs",
+            )
+        )
+    if placement.model.weight_tying and pp > 1 and (rank.first or rank.last):
+        rows, d = placement.embedding_shape
+        tied = FP32 * -(-rows // dp) * d  # all-reduce of 2 ranks: each sends its whole (sharded) gradient
+        link = hw.link_bytes_per_s(tp * dp * pp)
+        out.append(Traffic("tied", "tied embedding all-reduce", tied, link, "first + last stage"))
+    return out

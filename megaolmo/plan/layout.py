@@ -1,0 +1,277 @@
+"""What is planned: a layout (degrees, micro-batch, recompute) for a workload (model, batch, precision), and
+what each pipeline rank then holds, derived with megaolmo's own validation and stage split."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megaolmo.config import Config, ConfigError, ModelConfig, ParallelConfig
+from megaolmo.metrics import flops_per_token
+from megaolmo.model.parallelize import validate_layout
+from megaolmo.parallel.mesh import resolve_dp
+from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
+
+RECOMPUTE_NAMES = {"none": "no recompute", "selective": "selective recompute", "full": "full recompute"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a step computes, independent of the layout: the model, the batch, the precision and the device."""
+
+    model: ModelConfig
+    seq_len: int
+    global_batch_size: int
+    bf16: bool  # trainer.precision == bf16
+    device: str  # cuda | cpu
+    kernels: str  # triton | torch: what model.kernels resolves to on `device`
+    fused_adam: bool  # torch's fused AdamW (no temporaries) or the foreach path
+    decay_embeddings: bool  # the embedding sits in the decayed parameter group (one optimizer group)
+
+    @classmethod
+    def from_config(cls, config: Config, device: str) -> Workload:
+        model, trainer = config.model, config.trainer
+        seq_len = trainer.seq_len or model.max_sequence_length
+        if seq_len > model.max_sequence_length:
+            raise ConfigError(
+                f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={model.max_sequence_length}"
+            )
+        kernels = model.kernels if model.kernels != "auto" else ("triton" if device == "cuda" else "torch")
+        fused = config.optim.fused if config.optim.fused is not None else device == "cuda"
+        return cls(
+            model=model,
+            seq_len=seq_len,
+            global_batch_size=trainer.global_batch_size,
+            bf16=trainer.precision == "bf16",
+            device=device,
+            kernels=kernels,
+            fused_adam=fused,
+            decay_embeddings=config.optim.decay_embeddings,
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    @property
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one optimizer step, counted as megaolmo.metrics counts them for MFU."""
+        return flops_per_token(self.model, self.seq_len) * self.tokens_per_step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay the workload over ranks: the parallel degrees, the micro-batch and what is recomputed."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vp: int = 1
+    micro_batch_size: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: str = "none"
+    reshard_after_forward: bool = True
+    pp_schedule: str = "1f1b"
+    pp_layer_split: tuple[int, ...] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def parallel_config(self) -> ParallelConfig:
+        split = list(self.pp_layer_split) if self.pp_layer_split is not None else None
+        return ParallelConfig(
+            tp=self.tp,
+            pp=self.pp,
+            dp=self.dp,
+            vp=self.vp,
+            sequence_parallel=self.sequence_parallel,
+            pp_schedule=self.pp_schedule,
+            pp_layer_split=split,
+            reshard_after_forward=self.reshard_after_forward,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+
+    def describe(self) -> str:
+        """One line, e.g. `tp8 (SP) x pp8 (interleaved_1f1b, vp2) x dp8, micro-batch 1, selective recompute, ZeRO-3`."""
+        tp = f"tp{self.tp}" + (" (SP)" if self.sequence_parallel else "")
+        pp = f"pp{self.pp}"
+        if self.pp > 1:
+            pp += f" ({self.pp_schedule}" + (f", vp{self.vp})" if self.vp > 1 else ")")
+        zero = ("ZeRO-3" if self.reshard_after_forward else "ZeRO-2") if self.dp > 1 else "no DP sharding"
+        recompute = RECOMPUTE_NAMES[self.activation_checkpointing]
+        return f"{tp} x {pp} x dp{self.dp}, micro-batch {self.micro_batch_size}, {recompute}, {zero}"
+
+    @classmethod
+    def from_config(cls, config: Config, world_size: int) -> Layout:
+        """The layout megaolmo.train would run on `world_size` ranks with this config."""
+        parallel = config.parallel
+        split = tuple(parallel.pp_layer_split) if parallel.pp_layer_split is not None else None
+        return cls(
+            tp=parallel.tp,
+            pp=parallel.pp,
+            dp=resolve_dp(parallel, world_size),
+            vp=parallel.vp,
+            micro_batch_size=config.trainer.micro_batch_size,
+            sequence_parallel=parallel.sequence_parallel,
+            activation_checkpointing=parallel.activation_checkpointing,
+            reshard_after_forward=parallel.reshard_after_forward,
+            pp_schedule=parallel.pp_schedule,
+            pp_layer_split=split,
+        )
+
+
+@dataclass(frozen=True)
+class PipelineRank:
+    """What one pipeline rank holds: its stage modules' blocks and the embedding, head and loss at the ends."""
+
+    pp_rank: int
+    chunk_layers: tuple[int, ...]  # blocks of each of this rank's stage modules (vp of them)
+    first: bool  # runs stage 0: embeds the token ids
+    last: bool  # runs the last stage: final norm, logits and loss
+    embedding_copies: int  # wte tensors held: the input embedding and/or a tied head's copy
+    head: bool  # an untied output head
+
+    @property
+    def layers(self) -> int:
+        return sum(self.chunk_layers)
+
+
+class Placement:
+    """A layout checked against a workload the way megaolmo checks it at start-up, with what follows from it."""
+
+    def __init__(self, work: Workload, layout: Layout) -> None:
+        self.work, self.layout = work, layout
+        self.model = validate_layout(work.model, layout.parallel_config(), layout.world_size)
+        if work.global_batch_size % (layout.micro_batch_size * layout.dp):
+            raise ConfigError(
+                f"trainer.global_batch_size={work.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size={layout.micro_batch_size} x dp={layout.dp}"
+            )
+        self.n_microbatches = work.global_batch_size // (layout.micro_batch_size * layout.dp)
+        if layout.sequence_parallel and work.seq_len % layout.tp:
+            raise ConfigError(f"sequence length {work.seq_len} is not divisible by parallel.tp={layout.tp} (SP)")
+        if layout.pp > 1 and self.n_microbatches < layout.pp:
+            raise ConfigError(
+                f"{self.n_microbatches} micro-batches per rank cannot fill {layout.pp} pipeline stages; "
+                "raise the global batch or lower micro_batch_size"
+            )
+        if layout.vp > 1 and self.n_microbatches % self.rounds:
+            raise ConfigError(
+                f"interleaved 1F1B needs the {self.n_microbatches} micro-batches per rank to be a multiple of "
+                f"{self.rounds} rounds of {layout.pp}"
+            )
+        n_stages = layout.pp * layout.vp
+        self.stage_layers = [len(r) for r in stage_layer_ranges(self.model.n_layers, n_stages, layout.pp_layer_split)]
+
+    @property
+    def rounds(self) -> int:
+        """Rounds of the interleaved schedule (torch's ScheduleInterleaved1F1B): micro-batches in groups of pp."""
+        return max(1, self.n_microbatches // self.layout.pp)
+
+    @property
+    def microbatches_per_round(self) -> int:
+        return self.n_microbatches // self.rounds
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 wraps the stages: in every multi-rank run, also over a DP mesh of one rank
+        (parallelize.py shards whenever a device mesh exists); one process trains under autocast instead."""
+        return self.layout.world_size > 1
+
+    @property
+    def autocast(self) -> bool:
+        return self.work.bf16 and not self.fsdp
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.model.padded_vocab_size
+
+    def block_param_shapes(self) -> list[tuple[int, int]]:
+        """This TP rank's weights of one block: att_proj, attn_out, ff_proj, ff_out."""
+        m, tp = self.model, self.layout.tp
+        hd = m.head_dim
+        return [
+            ((m.n_heads + 2 * m.kv_heads) * hd // tp, m.d_model),
+            (m.d_model, m.n_heads * hd // tp),
+            (2 * m.ffn_hidden_size // tp, m.d_model),
+            (m.d_model, m.ffn_hidden_size // tp),
+        ]
+
+    @property
+    def block_params(self) -> int:
+        return sum(a * b for a, b in self.block_param_shapes())
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        return (self.padded_vocab // self.layout.tp, self.model.d_model)
+
+    def ranks(self) -> list[PipelineRank]:
+        layout, tied = self.layout, self.model.weight_tying
+        n_stages = layout.pp * layout.vp
+        out = []
+        for pp_rank in range(layout.pp):
+            stage_ids = stages_of_rank(pp_rank, layout.pp, layout.vp)
+            first, last = 0 in stage_ids, n_stages - 1 in stage_ids
+            copies = int(first) + int(last and tied and not first)
+            out.append(
+                PipelineRank(
+                    pp_rank=pp_rank,
+                    chunk_layers=tuple(self.stage_layers[i] for i in stage_ids),
+                    first=first,
+                    last=last,
+                    embedding_copies=copies,
+                    head=last and not tied,
+                )
+            )
+        return out
+
+    def unsharded_params(self, rank: PipelineRank) -> int:
+        """Parameters this rank holds before DP sharding (after TP)."""
+        vocab_rows, d = self.embedding_shape
+        return rank.layers * self.block_params + (rank.embedding_copies + int(rank.head)) * vocab_rows * d
+
+    def sharded_params(self, rank: PipelineRank) -> int:
+        """Parameters this rank keeps under FSDP2: each tensor split along dim 0, padded to a multiple of dp."""
+        dp = self.layout.dp
+        if dp == 1:
+            return self.unsharded_params(rank)
+        block = sum(math.ceil(a / dp) * b for a, b in self.block_param_shapes())
+        vocab_rows, d = self.embedding_shape
+        return rank.layers * block + (rank.embedding_copies + int(rank.head)) * math.ceil(vocab_rows / dp) * d
+
+    def root_params(self, rank: PipelineRank) -> int:
+        """Parameters outside the blocks (embedding, head): FSDP's root unit of each stage module."""
+        vocab_rows, d = self.embedding_shape
+        return (rank.embedding_copies + int(rank.head)) * vocab_rows * d
+
+    def microbatches_in_flight(self, rank: PipelineRank) -> tuple[int, int]:
+        """(forward chunks whose activations are alive at once at the peak, chunks the rank runs per step).
+
+        1F1B (torch's Schedule1F1B): rank r warms up with pp - r forwards. GPipe: all micro-batches.
+        Interleaved (torch's ScheduleInterleaved1F1B): (vp - 1) x pp + 2 (pp - 1 - r) warm-up chunk forwards
+        plus one, which for rank 0 is Megatron's pp x vp x (1 + (pp - 1) / (pp x vp)) chunks.
+        """
+        layout, m = self.layout, self.n_microbatches
+        if layout.pp == 1:
+            return 1, m
+        if layout.pp_schedule == "gpipe":
+            return m, m
+        if layout.vp == 1:
+            return min(m, layout.pp - rank.pp_rank), m
+        warmup = (layout.vp - 1) * self.microbatches_per_round + 2 * (layout.pp - 1 - rank.pp_rank)
+        return min(warmup + 1, m * layout.vp), m * layout.vp
+
+    def gradients_alive_at_peak(self, rank: PipelineRank) -> bool:
+        """Whether every local gradient already exists while the most activations are alive: only when the
+        steady 1F1B phase runs a forward after each local stage module has run a backward."""
+        layout = self.layout
+        in_flight, chunks = self.microbatches_in_flight(rank)
+        if layout.pp_schedule == "gpipe" and layout.pp > 1:
+            return False
+        steady = chunks - (in_flight - 1)
+        return steady >= (layout.vp - 1) * self.microbatches_per_round + 2
+
+    def bubble_fraction(self) -> float:
+        """Idle fraction of the pipeline relative to the ideal time: (pp - 1) / (vp x m)."""
+        return (self.layout.pp - 1) / (self.layout.vp * self.n_microbatches)

@@ -1,0 +1,270 @@
+"""Per-device memory of a layout, term by term as megaolmo allocates it.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation
+in Large Transformer Models"), but the terms are megaolmo's own, read off
+model/olmo.py, the kernels and the TP layers rather than Megatron's 34 s b h:
+
+- each LayerNorm keeps its input in fp32 and its output (torch reference), or
+  only its output (Triton kernel), plus fp32 row statistics; under sequence
+  parallelism on s / tp rows. The column-parallel linear after it keeps only
+  that sequence shard and gathers again in backward.
+- attention keeps the contiguous q, k, v it hands to SDPA, SDPA's output and
+  fp32 logsumexp, and the [s, b, h] copy of the output for attn_out (a view
+  when the batch is 1 and the output is already [b, s, heads, hd]); flash-attn
+  keeps the RoPE'd q, k and v, a view that holds all of qkv. Selective
+  recompute keeps the checkpoint's inputs (q, k, and qkv via v) instead.
+- the MLP keeps ff_proj's output (2F) and the SwiGLU output (F); the torch
+  SwiGLU also keeps silu(gate) (F).
+- full recompute keeps each block's input and rebuilds one block in backward.
+
+Weights, gradients and optimizer states follow FSDP2 as
+torch.distributed.fsdp._fully_shard does it, in every multi-rank run (over a
+DP mesh of one rank when dp == 1): fp32 master weights, states and reduced
+gradients sharded over DP; copies in the compute dtype gathered per block (all
+kept from forward to backward with reshard_after_forward=False); with gradient
+accumulation an unsharded fp32 accumulated gradient per parameter; and under
+torch.distributed.pipelining (pp > 1) no reduce-scatter until the last
+micro-batch. One process has no FSDP: fp32 weights and gradients, and
+autocast's bf16 weight copies.
+
+The peak is the largest of a few moments of the step: the first backward (the
+most micro-batches in flight, no gradients yet), the steady state (gradients
+accumulated too), the optimizer step (the foreach AdamW path's temporary), and
+on a pipeline's last stage the end of the step, when torch pipelining
+concatenates every micro-batch's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megaolmo.plan.layout import PipelineRank, Placement
+
+FP32, BF16 = 4, 2
+STAT = 4  # one fp32 number per row (LayerNorm mean or rstd, attention logsumexp)
+
+
+@dataclass
+class Moment:
+    """The bytes alive at one point of the step, by what they are."""
+
+    name: str
+    items: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.items.values())
+
+
+@dataclass
+class RankMemory:
+    """The memory of one pipeline rank: its peak is the largest of its moments."""
+
+    rank: PipelineRank
+    moments: list[Moment]
+    activation_per_layer: float  # bytes per block per micro-batch
+    microbatches_in_flight: int  # forward chunks alive at the peak (first stage: the most)
+
+    @property
+    def peak(self) -> Moment:
+        return max(self.moments, key=lambda moment: moment.total)
+
+
+def dtype_bytes(placement: Placement) -> tuple[int, int]:
+    """(compute, residual stream) bytes per element: bf16 compute keeps an fp32 residual under autocast."""
+    compute = BF16 if placement.work.bf16 else FP32
+    residual = BF16 if placement.work.bf16 and not placement.autocast else FP32
+    return compute, residual
+
+
+def block_activation_terms(placement: Placement, recompute: str | None = None) -> dict[str, float]:
+    """Bytes one block keeps for backward per micro-batch on one rank, by term."""
+    work, layout, model = placement.work, placement.layout, placement.model
+    recompute = recompute or layout.activation_checkpointing
+    s, b, h, tp = work.seq_len, layout.micro_batch_size, model.d_model, layout.tp
+    rows = (s // tp if layout.sequence_parallel else s) * b  # tokens of the LayerNorm regions on this rank
+    tokens = s * b  # tokens of the TP regions (the whole sequence)
+    q = model.n_heads * model.head_dim // tp  # this rank's query width
+    kv = model.kv_heads * model.head_dim // tp
+    ffn = model.ffn_hidden_size // tp
+    compute, residual = dtype_bytes(placement)
+    if recompute == "full":
+        return {"block input (full recompute)": residual * rows * h}
+    terms: dict[str, float] = {}
+    if work.kernels == "triton":  # keeps its output (which the next linear shares) and rstd
+        cast = compute if compute != residual else 0  # autocast's bf16 copy for the linear
+        terms["2 LayerNorms: output, rstd"] = 2 * rows * ((residual + cast) * h + STAT)
+    else:  # F.layer_norm on x.float() keeps that fp32 input; the output in the compute dtype feeds the linear
+        terms["2 LayerNorms: fp32 input, output, mean, rstd"] = 2 * rows * ((FP32 + compute) * h + 2 * STAT)
+    # attn_out keeps its input: a copy of the attention output in [s, b, h], or with a batch of 1 a view of
+    # it when the kernel writes [b, s, heads, hd] (CUDA SDPA, flash-attn), which SDPA itself keeps anyway.
+    output_view = b == 1 and (work.device == "cuda" or model.attention == "flash")
+    if model.clip_qkv is not None:
+        terms["qkv before clamp"] = tokens * (q + 2 * kv) * compute
+    if recompute == "selective" or model.attention == "flash":
+        terms["q, k after RoPE; qkv (held by the v view)"] = tokens * (q + kv + q + 2 * kv) * compute
+    else:
+        terms["q, k, v for SDPA"] = tokens * (q + 2 * kv) * compute
+    if recompute != "selective":
+        terms["attention output, logsumexp"] = tokens * (q * compute + model.n_heads // tp * STAT)
+    if recompute == "selective" or not output_view:
+        terms["attention output as [s, b, h] for attn_out"] = tokens * q * compute
+    swiglu = 3 if work.kernels == "triton" else 4  # [up | gate] and the product; torch also keeps silu(gate)
+    terms[f"ff_proj output, SwiGLU ({swiglu}F)"] = tokens * swiglu * ffn * compute
+    if placement.autocast:
+        terms["bf16 weight copies (autocast)"] = BF16 * placement.block_params
+    return terms
+
+
+def block_backward_bytes(placement: Placement) -> float:
+    """Gradients alive at once inside one block's backward: at SwiGLU, those of its output (F) and input (2F)."""
+    compute, _ = dtype_bytes(placement)
+    tokens = placement.work.seq_len * placement.layout.micro_batch_size
+    return 3 * tokens * placement.model.ffn_hidden_size // placement.layout.tp * compute
+
+
+def logits_bytes(placement: Placement, dtype_bytes_: int | None = None) -> float:
+    """One micro-batch's logits [b, s, V / tp], in the compute dtype unless told otherwise."""
+    compute, _ = dtype_bytes(placement)
+    rows = placement.layout.micro_batch_size * placement.work.seq_len
+    return rows * placement.embedding_shape[0] * (dtype_bytes_ or compute)
+
+
+def head_activation_bytes(placement: Placement) -> float:
+    """What the final LayerNorm, the head and the loss keep per micro-batch: the norm's terms, the gathered hidden
+    states a tied head under SP keeps, autocast's bf16 copy of the head, and the loss's fp32 (log-)softmax."""
+    terms = block_activation_terms(placement, "none")
+    norm = next(value for key, value in terms.items() if key.startswith("2 LayerNorms")) / 2
+    layout, work = placement.layout, placement.work
+    compute, _ = dtype_bytes(placement)
+    gathered = 0.0
+    if placement.model.weight_tying and layout.sequence_parallel and layout.tp > 1:
+        gathered = compute * work.seq_len * layout.micro_batch_size * placement.model.d_model
+    rows, d = placement.embedding_shape
+    autocast_head = BF16 * rows * d if placement.autocast else 0.0
+    return norm + gathered + autocast_head + logits_bytes(placement, FP32)
+
+
+def _recompute_bytes(placement: Placement) -> float:
+    """What backward rebuilds at once: a whole block (full) or one attention core (selective)."""
+    recompute = placement.layout.activation_checkpointing
+    if recompute == "none":
+        return 0.0
+    core = block_activation_terms(placement, "none")
+    if recompute == "full":
+        return sum(core.values())
+    return core.get("q, k, v for SDPA", 0.0) + core.get("attention output, logsumexp", 0.0)
+
+
+def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
+    layout, work = placement.layout, placement.work
+    m = placement.n_microbatches
+    unsharded, sharded = placement.unsharded_params(rank), placement.sharded_params(rank)
+    block, root = placement.block_params, placement.root_params(rank)
+    compute, residual = dtype_bytes(placement)
+    per_layer = sum(block_activation_terms(placement).values())
+    in_flight, _ = placement.microbatches_in_flight(rank)
+    hidden = (work.seq_len // layout.tp if layout.sequence_parallel else work.seq_len) * layout.micro_batch_size
+    hidden *= placement.model.d_model
+    # A chunk's activations; a stage that sends its output keeps it for backward (torch pipelining's fwd_cache).
+    sends = layout.pp > 1 and not (rank.last and layout.vp == 1)
+    per_chunk = rank.layers / layout.vp * per_layer + (residual * hidden if sends else 0.0)
+    # Micro-batches whose loss is computed but not yet backpropagated when the first backward starts: torch
+    # pipelining computes each loss right after the last stage's forward, and GPipe runs all forwards first.
+    losses = (m if layout.pp > 1 and layout.pp_schedule == "gpipe" else 1) if rank.last else 0
+    head = head_activation_bytes(placement)
+
+    shard = f", FSDP2-sharded 1/{layout.dp}" if layout.dp > 1 else ""
+    persistent = {
+        f"weights (fp32 master{shard})": FP32 * sharded,
+        f"optimizer states (2 fp32 AdamW moments{shard})": 2 * FP32 * sharded,
+    }
+    if layout.pp > 1:  # torch pipelining allocates receive buffers for every micro-batch, in the param dtype
+        modules = range(layout.vp)
+        buffers = sum(int(i > 0 or not rank.first) + int(i < layout.vp - 1 or not rank.last) for i in modules)
+        persistent[f"pipeline receive buffers ({buffers} x {m} micro-batches)"] = m * buffers * compute * hidden
+    final = {f"gradients (fp32{shard})": FP32 * sharded}
+    precision = "bf16" if work.bf16 else "fp32"
+    if placement.fsdp:
+        # ZeRO-3: the root unit, the running block and (dp > 1) the prefetched one, whose all-gather output is
+        # allocated when it is issued; ZeRO-2 keeps every unit gathered from forward to backward.
+        blocks = 2 if layout.dp > 1 else 1
+        if layout.reshard_after_forward:
+            gathered_key = f"gathered {precision} weights (ZeRO-3: root + {blocks} block{'s' if blocks > 1 else ''})"
+            gathered = {gathered_key: compute * (root + blocks * block)}
+        else:
+            gathered = {f"gathered {precision} weights (ZeRO-2: all)": compute * unsharded}
+        accumulates = layout.pp > 1 or m > 1  # an unsharded fp32 accumulated gradient per parameter
+        if accumulates:
+            grads = {"gradients (fp32, unsharded, accumulated over micro-batches)": FP32 * unsharded}
+        else:
+            grads = final
+        unit = max(block, root)
+        if layout.pp > 1:  # reduce-scatters wait for the last micro-batch: a unit's fresh grads before they add up
+            unit_temporary = compute * unit if work.bf16 else FP32 * _largest_param(placement)
+        else:  # the reduce-scatter input (fp32) of a unit, next to its fresh grads when nothing accumulates
+            unit_temporary = FP32 * unit + (0 if accumulates else compute * unit)
+    else:
+        gathered, grads = {}, {"gradients (fp32)": FP32 * unsharded}
+        unit_temporary = FP32 * _largest_param(placement)  # a new gradient before it is added to .grad
+    # Inside a block's backward its activation gradients (and any recompute) are alive; the unit's gradient
+    # temporaries come at its end, when the block's own activations are gone: one or the other. The loss's
+    # backward makes two fp32 gradients of the logits.
+    backward = max(block_backward_bytes(placement) + _recompute_bytes(placement), unit_temporary)
+    if rank.last:
+        backward = max(backward, 2 * logits_bytes(placement, FP32))
+    # torch pipelining keeps every micro-batch's logits for the step's return value (output_chunks).
+    kept = logits_bytes(placement) if rank.last and layout.pp > 1 else 0.0
+
+    first_backward = Moment(
+        "first backward, no gradients yet",
+        {
+            **persistent,
+            **gathered,
+            f"activations ({in_flight} micro-batch chunks)": in_flight * per_chunk + losses * head,
+            "logits kept by the schedule": losses * kept,
+            "backward temporaries": backward,
+        },
+    )
+    alive = in_flight if placement.gradients_alive_at_peak(rank) else in_flight - 1
+    steady = Moment(
+        "steady state, gradients accumulated",
+        {
+            **persistent,
+            **gathered,
+            **grads,
+            f"activations ({alive} micro-batch chunks)": alive * per_chunk + min(alive, losses) * head,
+            "logits kept by the schedule": m * kept,
+            "backward temporaries": backward if alive else unit_temporary,
+        },
+    )
+    optimizer_temp = 0.0 if work.fused_adam else FP32 * _largest_param_group(placement, rank)
+    step = Moment(
+        "optimizer step",
+        {**persistent, **final, "optimizer temporaries (foreach AdamW)": optimizer_temp},
+    )
+    moments = [first_backward, steady, step]
+    if kept:  # the schedule concatenates every micro-batch's logits when it returns
+        merged = {"logits of every micro-batch, kept and concatenated": 2 * m * kept}
+        moments.append(Moment("end of the pipeline step", {**persistent, **final, **merged}))
+    return RankMemory(rank, moments, per_layer, in_flight)
+
+
+def _largest_param(placement: Placement) -> int:
+    rows, d = placement.embedding_shape
+    return max(*(a * b for a, b in placement.block_param_shapes()), rows * d)
+
+
+def _largest_param_group(placement: Placement, rank: PipelineRank) -> int:
+    """Parameters of the rank's largest AdamW group (the foreach path allocates a temporary that size)."""
+    sharded = placement.sharded_params(rank)
+    if placement.work.decay_embeddings or not rank.embedding_copies:
+        return sharded
+    rows, d = placement.embedding_shape
+    embedding = rank.embedding_copies * -(-rows // placement.layout.dp) * d
+    return max(sharded - embedding, embedding)
+
+
+def plan_memory(placement: Placement) -> list[RankMemory]:
+    """Memory of every pipeline rank (ranks of one pipeline stage are alike across TP and DP)."""
+    return [_rank_memory(placement, rank) for rank in placement.ranks()]

@@ -1,0 +1,214 @@
+"""The planner's text: one plan in full, a ranked table of plans, and the one-line refusal of a layout."""
+
+from __future__ import annotations
+
+from megaolmo.plan import Plan
+from megaolmo.plan.hardware import GIB
+from megaolmo.plan.memory import FP32, block_activation_terms, dtype_bytes, logits_bytes
+
+MIB = 2**20
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def _memory_budget(plan: Plan) -> str:
+    hw = plan.hardware
+    reserve = hw.capacity_bytes - hw.memory_bytes
+    return f"{_gib(hw.memory_bytes)} usable ({_gib(hw.capacity_bytes)} - {_gib(reserve)} reserve)"
+
+
+def refusal(plan: Plan) -> str:
+    """One line: the layout, its peak and how far over the device's memory it is."""
+    worst = plan.worst
+    over = plan.peak_bytes - plan.hardware.memory_bytes
+    return (
+        f"layout {plan.layout.describe()} does not fit: pipeline rank {worst.rank.pp_rank} needs "
+        f"{_gib(plan.peak_bytes)} per GPU at '{worst.peak.name}', {_gib(over)} "
+        f"({over / plan.hardware.memory_bytes:.0%}) over the {_memory_budget(plan)}"
+    )
+
+
+def _count(n: float, unit: str) -> str:
+    """1.18B parameters, 3.3M parameters, 1 rank, 8 ranks."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B {unit}s"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M {unit}s"
+    return f"{n:,.0f} {unit}" + ("s" if n != 1 else "")
+
+
+def _header(plan: Plan, title: str) -> list[str]:
+    placement, hw = plan.placement, plan.hardware
+    work, layout, model = placement.work, plan.layout, placement.model
+    nodes = f"{_count(hw.nodes, 'node')} x {hw.devices_per_node} {hw.device_name}"
+    return [
+        f"plan: {title}, {_count(model.num_params(), 'parameter')}, on {nodes} ({hw.name}): "
+        + _count(layout.world_size, "rank"),
+        f"layout: {layout.describe()}",
+        (
+            f"batch: {work.global_batch_size} sequences x {work.seq_len} tokens = {_count(work.tokens_per_step, 'token')} "
+            f"per step; {placement.n_microbatches} micro-batches per DP rank; {'bf16' if work.bf16 else 'fp32'} "
+            f"compute, {work.kernels} kernels, {model.attention} attention"
+        ),
+    ]
+
+
+def _in_flight(plan: Plan) -> str:
+    """How many micro-batches the first stage holds, and the schedule's formula for it."""
+    placement = plan.placement
+    layout, m = placement.layout, placement.n_microbatches
+    first = plan.memory[0]
+    blocks = first.rank.layers // layout.vp
+    if layout.pp == 1:
+        formula = "one at a time (gradient accumulation)"
+    elif layout.pp_schedule == "gpipe":
+        formula = "GPipe: all m"
+    elif layout.vp == 1:
+        formula = f"1F1B: min(m, pp) = min({m}, {layout.pp})"
+    else:
+        formula = (
+            f"interleaved: (vp - 1) pp + 2 (pp - 1) + 1 = pp vp (1 + (pp - 1) / (pp vp)) = "
+            f"{layout.pp * layout.vp} x {1 + (layout.pp - 1) / (layout.pp * layout.vp):.3f}"
+        )
+    return f"  first stage: {first.microbatches_in_flight} micro-batch chunks of {blocks} blocks in flight ({formula})"
+
+
+def _memory(plan: Plan) -> list[str]:
+    placement, worst = plan.placement, plan.worst
+    layout, work = placement.layout, placement.work
+    peak = worst.peak
+    lines = [
+        "",
+        f"memory per device, worst stage: pipeline rank {worst.rank.pp_rank} of {layout.pp}, peak at '{peak.name}'",
+    ]
+    for name, value in peak.items.items():
+        if value:
+            lines.append(f"  {name:<64} {_gib(value):>11}")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  {'peak':<64} {_gib(peak.total):>11}  of {_memory_budget(plan)}: {verdict}")
+    for moment in worst.moments:
+        if moment is not peak:
+            lines.append(f"  (at '{moment.name}': {_gib(moment.total)})")
+    if layout.pp > 1:
+        ranks = ", ".join(f"{r.rank.pp_rank}: {r.peak.total / GIB:.1f}" for r in plan.memory)
+        lines.append(f"  peak per pipeline rank (GiB): {ranks}")
+    lines.append(_in_flight(plan))
+    kept = "; torch pipelining keeps every micro-batch's logits until the step returns" if layout.pp > 1 else ""
+    lines.append(
+        f"  last stage: logits {logits_bytes(placement) / MIB:.1f} MiB and the loss's fp32 softmax "
+        f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch{kept}"
+    )
+    sbh = work.seq_len * layout.micro_batch_size * placement.model.d_model / layout.tp
+    lines.append(
+        f"  activations per block per micro-batch: {worst.activation_per_layer / MIB:.1f} MiB = "
+        f"{worst.activation_per_layer / sbh:.1f} s*b*h/tp bytes (Korthikanti et al. 2022, megaolmo's terms):"
+    )
+    for name, value in block_activation_terms(placement).items():
+        lines.append(f"    {name:<60} {value / sbh:6.2f} s*b*h/tp")
+    return lines
+
+
+def _communication(plan: Plan) -> list[str]:
+    lines = ["", f"communication per device per step (pipeline rank {plan.step.rank.pp_rank}, bytes sent):"]
+    flows = [flow for flow in plan.step.traffic if flow.bytes_per_step]
+    for flow in flows:
+        lines.append(
+            f"  {flow.name:<52} {_gib(flow.bytes_per_step):>12}  over {flow.group} at "
+            f"{flow.bytes_per_second / 1e9:.0f} GB/s: {flow.seconds:.3f} s"
+        )
+    return lines if flows else [*lines, "  none (one rank)"]
+
+
+def _time(plan: Plan) -> list[str]:
+    step, layout, placement = plan.step, plan.layout, plan.placement
+    micro = step.microbatch
+    m = step.n_microbatches
+    lines = [
+        "",
+        (
+            f"pipeline bubble: (pp - 1) / (vp x m) = {layout.pp - 1} / ({layout.vp} x {m}) = "
+            f"{placement.bubble_fraction():.2%}"
+        ),
+        "",
+        f"step time (roofline), slowest pipeline rank {step.rank.pp_rank}:",
+        (
+            f"  per micro-batch t_mb = {micro.total * 1e3:.2f} ms: GEMMs {micro.gemm * 1e3:.2f}, attention "
+            f"{micro.attention * 1e3:.2f}, element-wise {micro.elementwise * 1e3:.2f}, recompute "
+            f"{micro.recompute * 1e3:.2f}, TP {micro.tp * 1e3:.2f}, PP p2p {micro.pp * 1e3:.2f}"
+        ),
+        f"  m x t_mb                      {m * micro.total:9.3f} s",
+        f"  bubble (pp - 1) x t_mb / vp   {step.bubble:9.3f} s",
+    ]
+    for name, seconds in step.exposed.items():
+        lines.append(f"  exposed {name:<22}{seconds:9.3f} s")
+    tokens = placement.work.tokens_per_step
+    lines += [
+        f"  optimizer step + clipping     {step.optimizer:9.3f} s",
+        f"  step                          {step.seconds:9.3f} s  ({tokens / step.seconds:,.0f} tokens/s)",
+        (
+            f"  MFU {step.mfu:.1%} (megaolmo.metrics.flops_per_token: {placement.work.model_flops_per_step:.3e} "
+            f"FLOPs per step over {layout.world_size} x {plan.hardware.peak_flops / 1e12:.4g} TFLOP/s)"
+        ),
+    ]
+    return lines
+
+
+def _assumptions(plan: Plan) -> list[str]:
+    hw, placement = plan.hardware, plan.placement
+    compute, _ = dtype_bytes(placement)
+    peak = f"{hw.peak_flops / 1e12:.4g} TFLOP/s" + (" (measured here with a matmul)" if hw.peak_measured else "")
+    return [
+        "",
+        "assumptions (the roofline):",
+        (
+            f"  GEMMs and flash attention: max(FLOPs / ({peak} x {hw.matmul_efficiency:.2f} matmul efficiency), "
+            f"bytes / {hw.hbm_bytes_per_s / 1e9:.0f} GB/s HBM), {compute}-byte operands; backward = 2 GEMMs per GEMM, "
+            "flash backward = 2.5 forwards, causal attention = half the s^2 FLOPs"
+        ),
+        (
+            "  element-wise ops (LayerNorm, RoPE, SwiGLU, residual adds, SDPA layout copies, loss) move their bytes at "
+            "HBM bandwidth; backward moves twice the forward's"
+        ),
+        (
+            f"  collectives: rings, N (g - 1) / g bytes per GPU (all-reduce twice), no latency term; intra-node "
+            f"{hw.intra_node_bytes_per_s / 1e9:.0f} GB/s when the group fits in a node of {hw.devices_per_node}, "
+            f"else the network {hw.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU; mesh (pp, dp, tp), tp fastest"
+        ),
+        (
+            "  exposed: TP collectives and pipeline sends (in t_mb); FSDP all-gathers overlap compute but for the first block of each pass; "
+            "reduce-scatters overlap the last backward but for one unit (pp = 1) or not at all (pp > 1: torch "
+            "pipelining reduces after the last micro-batch); tied-embedding all-reduce"
+        ),
+        "  optimizer: AdamW and clipping read and write weights, gradients and moments at HBM bandwidth",
+    ]
+
+
+def format_plan(plan: Plan, title: str) -> str:
+    """The full plan of one layout."""
+    lines = _header(plan, title) + _memory(plan) + _communication(plan) + _time(plan) + _assumptions(plan)
+    return "\n".join(lines)
+
+
+def format_table(plans: list[Plan], title: str, top: int, candidates: int) -> str:
+    """The `top` fastest feasible layouts as a table."""
+    if not plans:
+        return f"no feasible layout among {candidates} candidates for {title}"
+    lines = _header(plans[0], title)[:1]
+    lines.append(f"{len(plans)} feasible layouts of {candidates} candidates; the {min(top, len(plans))} fastest:")
+    header = (
+        f"{'#':>3} {'tp':>3} {'sp':>3} {'pp':>3} {'vp':>3} {'dp':>5} {'mbs':>4} {'recompute':>10} {'zero':>5} "
+        f"{'bubble':>7} {'peak GiB':>9} {'step s':>8} {'MFU':>6}"
+    )
+    lines += [header, "-" * len(header)]
+    for i, plan in enumerate(plans[:top], 1):
+        layout = plan.layout
+        zero = "-" if layout.dp == 1 else ("3" if layout.reshard_after_forward else "2")
+        lines.append(
+            f"{i:>3} {layout.tp:>3} {'y' if layout.sequence_parallel else 'n':>3} {layout.pp:>3} {layout.vp:>3} "
+            f"{layout.dp:>5} {layout.micro_batch_size:>4} {layout.activation_checkpointing:>10} {zero:>5} "
+            f"{plan.placement.bubble_fraction():>7.1%} {plan.peak_bytes / GIB:>9.1f} {plan.step.seconds:>#8.3g} "
+            f"{plan.step.mfu:>6.1%}"
+        )
+    return "\n".join(lines)
