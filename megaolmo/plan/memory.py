@@ -29,7 +29,7 @@ autocast's bf16 weight copies.
 
 The peak is the largest of a few moments of the step: the first backward (the
 most micro-batches in flight, no gradients yet), the steady state (gradients
-accumulated too), the optimizer step (the foreach AdamW path's temporary), and
+accumulated too), the optimizer step (with AdamW's temporaries), and
 on a pipeline's last stage the end of the step, when torch pipelining
 concatenates every micro-batch's logits.
 """
@@ -238,11 +238,7 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
             "backward temporaries": backward if alive else unit_temporary,
         },
     )
-    optimizer_temp = 0.0 if work.fused_adam else FP32 * _largest_param_group(placement, rank)
-    step = Moment(
-        "optimizer step",
-        {**persistent, **final, "optimizer temporaries (foreach AdamW)": optimizer_temp},
-    )
+    step = Moment("optimizer step", {**persistent, **final, **optimizer_temporaries(placement, rank)})
     moments = [first_backward, steady, step]
     if kept:  # the schedule concatenates every micro-batch's logits when it returns
         merged = {"logits of every micro-batch, kept and concatenated": 2 * m * kept}
@@ -255,14 +251,24 @@ def _largest_param(placement: Placement) -> int:
     return max(*(a * b for a, b in placement.block_param_shapes()), rows * d)
 
 
-def _largest_param_group(placement: Placement, rank: PipelineRank) -> int:
-    """Parameters of the rank's largest AdamW group (the foreach path allocates a temporary that size)."""
-    sharded = placement.sharded_params(rank)
-    if placement.work.decay_embeddings or not rank.embedding_copies:
-        return sharded
+def optimizer_temporaries(placement: Placement, rank: PipelineRank) -> dict[str, float]:
+    """What AdamW allocates while it steps, by torch's path: fused (CUDA, megaolmo's default there) nothing;
+    foreach (plain tensors on CUDA) sqrt(v) of a whole parameter group; otherwise (CPU, FSDP's DTensors) one
+    parameter at a time, sqrt(v) and its scaled copy."""
+    work, dp = placement.work, placement.layout.dp
+    if work.fused_adam:
+        return {}
     rows, d = placement.embedding_shape
-    embedding = rank.embedding_copies * -(-rows // placement.layout.dp) * d
-    return max(sharded - embedding, embedding)
+    embedding = rank.embedding_copies * -(-rows // dp) * d
+    if work.device == "cuda" and not placement.fsdp:
+        sharded = placement.sharded_params(rank)
+        group = sharded if work.decay_embeddings else max(sharded - embedding, embedding)
+        return {"optimizer temporaries (foreach AdamW: a parameter group's sqrt(v))": FP32 * group}
+    shapes = placement.block_param_shapes() if rank.layers else []
+    if rank.embedding_copies or rank.head:
+        shapes.append(placement.embedding_shape)
+    largest = max(-(-a // dp) * b for a, b in shapes)
+    return {"optimizer temporaries (single-tensor AdamW: sqrt(v) and its scaled copy)": 2 * FP32 * largest}
 
 
 def plan_memory(placement: Placement) -> list[RankMemory]:

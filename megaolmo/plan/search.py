@@ -20,7 +20,7 @@ def candidate_layouts(work: Workload, hardware: Hardware) -> Iterator[Layout]:
     """TP within a node (powers of two), PP and virtual stages that split the layers evenly, DP over the rest,
     power-of-two micro-batches, each recompute mode, SP on or off, ZeRO-3 or ZeRO-2."""
     world, layers = hardware.world_size, work.model.n_layers
-    tps = [tp for tp in (2**i for i in range(8)) if tp <= hardware.devices_per_node and world % tp == 0]
+    tps = [tp for tp in (2**i for i in range(8)) if hardware.devices_per_node % tp == 0 and world % tp == 0]
     for tp in tps:
         for pp in (pp for pp in _divisors(layers) if world % (tp * pp) == 0):
             dp = world // (tp * pp)
