@@ -48,9 +48,9 @@ def _header(plan: Plan, title: str) -> list[str]:
         + _count(layout.world_size, "rank"),
         f"layout: {layout.describe()}",
         (
-            f"batch: {work.global_batch_size} sequences x {work.seq_len} tokens = {_count(work.tokens_per_step, 'token')} "
-            f"per step; {placement.n_microbatches} micro-batches per DP rank; {'bf16' if work.bf16 else 'fp32'} "
-            f"compute, {work.kernels} kernels, {model.attention} attention"
+            f"batch: {work.global_batch_size} sequences x {work.seq_len} tokens = "
+            f"{_count(work.tokens_per_step, 'token')} per step; {placement.n_microbatches} micro-batches per DP rank; "
+            f"{'bf16' if work.bf16 else 'fp32'} compute, {work.kernels} kernels, {model.attention} attention"
         ),
     ]
 
@@ -177,9 +177,9 @@ def _assumptions(plan: Plan) -> list[str]:
             f"else the network {hw.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU; mesh (pp, dp, tp), tp fastest"
         ),
         (
-            "  exposed: TP collectives and pipeline sends (in t_mb); FSDP all-gathers overlap compute but for the first block of each pass; "
-            "reduce-scatters overlap the last backward but for one unit (pp = 1) or not at all (pp > 1: torch "
-            "pipelining reduces after the last micro-batch); tied-embedding all-reduce"
+            "  exposed: TP collectives and pipeline sends (in t_mb); FSDP all-gathers overlap compute but for the "
+            "first block of each pass; reduce-scatters overlap the last backward but for one unit (pp = 1) or not at "
+            "all (pp > 1: torch pipelining reduces after the last micro-batch); tied-embedding all-reduce"
         ),
         "  optimizer: AdamW and clipping read and write weights, gradients and moments at HBM bandwidth",
     ]

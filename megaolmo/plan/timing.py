@@ -9,10 +9,11 @@ around SDPA, the loss) moves its bytes at HBM bandwidth; its backward moves
 twice the forward's bytes. Recompute repeats forward work in backward.
 TP collectives and pipeline sends are exposed (nothing overlaps them).
 FSDP's all-gathers overlap compute (prefetch) except the first block's of each
-pass, or as much as does not fit under the step's compute; reduce-scatters overlap the last micro-batch's backward except one
-unit's, but with pp > 1 torch pipelining reduces after the last backward, so
-they are all exposed. A step is m t_mb + (pp - 1) t_mb / vp (the bubble) +
-exposed communication + the optimizer (AdamW and clipping, HBM-bound).
+pass, or whatever does not fit under the step's compute; reduce-scatters
+overlap the last micro-batch's backward except one unit's, but with pp > 1
+torch pipelining reduces after the last backward, so they are all exposed.
+A step is m t_mb + (pp - 1) t_mb / vp (the bubble) + exposed communication +
+the optimizer (AdamW and clipping, HBM-bound).
 """
 
 from __future__ import annotations
@@ -167,9 +168,7 @@ def step_time(placement: Placement, hw: Hardware) -> StepTime:
         micro = microbatch_time(placement, rank, hw)
         flows = traffic(placement, rank, hw)
         m = placement.n_microbatches
-        optimizer = (ADAMW_BYTES * (1 if placement.work.fused_adam else 2) + CLIP_BYTES) * placement.sharded_params(
-            rank
-        )
+        optimizer = (ADAMW_BYTES + CLIP_BYTES) * placement.sharded_params(rank)
         candidates.append(
             StepTime(
                 rank=rank,
