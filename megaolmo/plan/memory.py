@@ -221,7 +221,7 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
         {
             **persistent,
             **gathered,
-            f"activations ({in_flight} micro-batch chunks)": in_flight * per_chunk + losses * head,
+            _activations(in_flight): in_flight * per_chunk + losses * head,
             "logits kept by the schedule": losses * kept,
             "backward temporaries": backward,
         },
@@ -233,7 +233,7 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
             **persistent,
             **gathered,
             **grads,
-            f"activations ({alive} micro-batch chunks)": alive * per_chunk + min(alive, losses) * head,
+            _activations(alive): alive * per_chunk + min(alive, losses) * head,
             "logits kept by the schedule": m * kept,
             "backward temporaries": backward if alive else unit_temporary,
         },
@@ -249,6 +249,10 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
 def _largest_param(placement: Placement) -> int:
     rows, d = placement.embedding_shape
     return max(*(a * b for a, b in placement.block_param_shapes()), rows * d)
+
+
+def _activations(chunks: int) -> str:
+    return f"activations ({chunks} micro-batch chunk{'' if chunks == 1 else 's'} in flight)"
 
 
 def optimizer_temporaries(placement: Placement, rank: PipelineRank) -> dict[str, float]:

@@ -72,7 +72,11 @@ def _in_flight(plan: Plan) -> str:
             f"interleaved: (vp - 1) pp + 2 (pp - 1) + 1 = pp vp (1 + (pp - 1) / (pp vp)) = "
             f"{layout.pp * layout.vp} x {1 + (layout.pp - 1) / (layout.pp * layout.vp):.3f}"
         )
-    return f"  first stage: {first.microbatches_in_flight} micro-batch chunks of {blocks} blocks in flight ({formula})"
+    chunks = first.microbatches_in_flight
+    return (
+        f"  first stage: {chunks} micro-batch chunk{'' if chunks == 1 else 's'} of {blocks} blocks in flight "
+        f"({formula})"
+    )
 
 
 def _memory(plan: Plan) -> list[str]:
