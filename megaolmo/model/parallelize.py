@@ -232,7 +232,9 @@ class ParallelOLMo:
             schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
             first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
             args = (input_ids,) if first else ()
-            schedule.step(*args, target=labels if last else None)
+            # return_outputs=False: the losses are all the step needs; keeping every micro-batch's logits
+            # for a return value would hold m x [b, s, V / tp] on the last stage.
+            schedule.step(*args, target=labels if last else None, return_outputs=False)
             self._sum_tied_gradients()
         return self._reduce_losses()
 

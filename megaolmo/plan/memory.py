@@ -29,9 +29,7 @@ autocast's bf16 weight copies.
 
 The peak is the largest of a few moments of the step: the first backward (the
 most micro-batches in flight, no gradients yet), the steady state (gradients
-accumulated too), the optimizer step (with AdamW's temporaries), and
-on a pipeline's last stage the end of the step, when torch pipelining
-concatenates every micro-batch's logits.
+accumulated too) and the optimizer step (with AdamW's temporaries).
 """
 
 from __future__ import annotations
@@ -213,8 +211,6 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     backward = max(block_backward_bytes(placement) + _recompute_bytes(placement), unit_temporary)
     if rank.last:
         backward = max(backward, 2 * logits_bytes(placement, FP32))
-    # torch pipelining keeps every micro-batch's logits for the step's return value (output_chunks).
-    kept = logits_bytes(placement) if rank.last and layout.pp > 1 else 0.0
 
     first_backward = Moment(
         "first backward, no gradients yet",
@@ -222,7 +218,6 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
             **persistent,
             **gathered,
             _activations(in_flight): in_flight * per_chunk + losses * head,
-            "logits kept by the schedule": losses * kept,
             "backward temporaries": backward,
         },
     )
@@ -234,16 +229,11 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
             **gathered,
             **grads,
             _activations(alive): alive * per_chunk + min(alive, losses) * head,
-            "logits kept by the schedule": m * kept,
             "backward temporaries": backward if alive else unit_temporary,
         },
     )
     step = Moment("optimizer step", {**persistent, **final, **optimizer_temporaries(placement, rank)})
-    moments = [first_backward, steady, step]
-    if kept:  # the schedule concatenates every micro-batch's logits when it returns
-        merged = {"logits of every micro-batch, kept and concatenated": 2 * m * kept}
-        moments.append(Moment("end of the pipeline step", {**persistent, **final, **merged}))
-    return RankMemory(rank, moments, per_layer, in_flight)
+    return RankMemory(rank, [first_backward, steady, step], per_layer, in_flight)
 
 
 def _largest_param(placement: Placement) -> int:

@@ -99,10 +99,9 @@ def _memory(plan: Plan) -> list[str]:
         ranks = ", ".join(f"{r.rank.pp_rank}: {r.peak.total / GIB:.1f}" for r in plan.memory)
         lines.append(f"  peak per pipeline rank (GiB): {ranks}")
     lines.append(_in_flight(plan))
-    kept = "; torch pipelining keeps every micro-batch's logits until the step returns" if layout.pp > 1 else ""
     lines.append(
         f"  last stage: logits {logits_bytes(placement) / MIB:.1f} MiB and the loss's fp32 softmax "
-        f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch{kept}"
+        f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch"
     )
     sbh = work.seq_len * layout.micro_batch_size * placement.model.d_model / layout.tp
     lines.append(
