@@ -83,6 +83,8 @@ def test_unknown_key_and_wrong_type_fail_at_compose_time(tmp_path: Path) -> None
     assert unknown.returncode != 0 and "max_stepz" in unknown.stderr
     wrong = train(["trainer.max_steps=many"], tmp_path / "b")
     assert wrong.returncode != 0 and "max_steps" in wrong.stderr
+    misspelt = train(["experiment=olmo_7", "--cfg", "job"], tmp_path / "c")  # never falls back to the tiny model
+    assert misspelt.returncode != 0 and "Could not find 'experiment/olmo_7'" in misspelt.stderr
 
 
 def test_cfg_job_prints_the_resolved_experiment(tmp_path: Path) -> None:
