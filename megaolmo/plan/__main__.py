@@ -36,7 +36,7 @@ def compose_config(overrides: list[str]) -> Config:
 
 
 def _title(overrides: list[str], config: Config) -> str:
-    chosen = [o for o in overrides if o.split("=")[0] in ("experiment", "model", "+experiment")]
+    chosen = [o for o in overrides if o.split("=")[0] in ("experiment", "model")]
     return " ".join(chosen) if chosen else f"model d_model={config.model.d_model} n_layers={config.model.n_layers}"
 
 
