@@ -8,13 +8,11 @@ tear the group down. A layout that fails records its error and the next runs.
 
 from __future__ import annotations
 
-import datetime
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from gloo_groups import run_each_on_its_group
 
 from megaolmo.config import ModelConfig, ParallelConfig
 from megaolmo.model.parallelize import ParallelOLMo, validate_layout
@@ -93,23 +91,8 @@ def reference(layout: Layout) -> dict:
 
 def run_layouts(rank: int, n_procs: int, layouts: list[dict], out_dir: str) -> None:
     """Entry point of each spawned rank."""
-    torch.set_num_threads(1)
-    for spec in layouts:
-        layout = Layout(**spec)
-        if rank >= layout.world_size:
-            continue
-        target = Path(out_dir) / layout.name
-        target.mkdir(parents=True, exist_ok=True)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{target / 'store'}",
-            rank=rank,
-            world_size=layout.world_size,
-            timeout=datetime.timedelta(seconds=120),
-        )
-        try:
-            torch.save(train(layout, MODELS[layout.model]), target / f"rank{rank}.pt")
-        except Exception:  # noqa: BLE001 - the test reading this layout reports it; the next layout still runs
-            (target / f"rank{rank}.error").write_text(traceback.format_exc())
-        finally:
-            dist.destroy_process_group()
+
+    def save(layout: Layout, target: Path) -> None:
+        torch.save(train(layout, MODELS[layout.model]), target / f"rank{rank}.pt")
+
+    run_each_on_its_group(rank, [Layout(**spec) for spec in layouts], out_dir, save)

@@ -16,15 +16,13 @@ held last).
 from __future__ import annotations
 
 import bisect
-import datetime
 import json
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from gloo_groups import run_each_on_its_group
 from torch.profiler import ProfilerActivity, profile
 
 from megaolmo.config import ModelConfig, OptimConfig, ParallelConfig
@@ -118,24 +116,9 @@ def profiled_peak(run: Run) -> tuple[int, int]:
 
 def measure_runs(rank: int, runs: list[dict], out_dir: str) -> None:
     """Entry point of each spawned rank: every run in turn on a fresh gloo group of its first ranks."""
-    torch.set_num_threads(1)
-    for spec in runs:
-        run = Run(**spec)
-        if rank >= run.world_size:
-            continue
-        target = Path(out_dir) / run.name
-        target.mkdir(parents=True, exist_ok=True)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{target / 'store'}",
-            rank=rank,
-            world_size=run.world_size,
-            timeout=datetime.timedelta(seconds=120),
-        )
-        try:
-            pp_rank, peak = profiled_peak(run)
-            (target / f"rank{rank}.json").write_text(json.dumps({"pp_rank": pp_rank, "peak": peak}))
-        except Exception:  # noqa: BLE001 - the test reading this run reports it; the next run still goes
-            (target / f"rank{rank}.error").write_text(traceback.format_exc())
-        finally:
-            dist.destroy_process_group()
+
+    def measure(run: Run, target: Path) -> None:
+        pp_rank, peak = profiled_peak(run)
+        (target / f"rank{rank}.json").write_text(json.dumps({"pp_rank": pp_rank, "peak": peak}))
+
+    run_each_on_its_group(rank, [Run(**spec) for spec in runs], out_dir, measure)
