@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megaolmo.bench.report import format_table as rows_table
 from megaolmo.plan import Plan
 from megaolmo.plan.hardware import GIB
 from megaolmo.plan.memory import FP32, block_activation_terms, dtype_bytes, logits_bytes
@@ -200,18 +201,15 @@ def format_table(plans: list[Plan], title: str, top: int, candidates: int) -> st
         return f"no feasible layout among {candidates} candidates for {title}"
     lines = _header(plans[0], title)[:1]
     lines.append(f"{len(plans)} feasible layouts of {candidates} candidates; the {min(top, len(plans))} fastest:")
-    header = (
-        f"{'#':>3} {'tp':>3} {'sp':>3} {'pp':>3} {'vp':>3} {'dp':>5} {'mbs':>4} {'recompute':>10} {'zero':>5} "
-        f"{'bubble':>7} {'peak GiB':>9} {'step s':>8} {'MFU':>6}"
-    )
-    lines += [header, "-" * len(header)]
+    rows = []
     for i, plan in enumerate(plans[:top], 1):
         layout = plan.layout
-        zero = "-" if layout.dp == 1 else ("3" if layout.reshard_after_forward else "2")
-        lines.append(
-            f"{i:>3} {layout.tp:>3} {'y' if layout.sequence_parallel else 'n':>3} {layout.pp:>3} {layout.vp:>3} "
-            f"{layout.dp:>5} {layout.micro_batch_size:>4} {layout.activation_checkpointing:>10} {zero:>5} "
-            f"{plan.placement.bubble_fraction():>7.1%} {plan.peak_bytes / GIB:>9.1f} {plan.step.seconds:>#8.3g} "
-            f"{plan.step.mfu:>6.1%}"
-        )
-    return "\n".join(lines)
+        rows.append({
+            "#": i, "tp": layout.tp, "sp": "y" if layout.sequence_parallel else "n", "pp": layout.pp,
+            "vp": layout.vp, "dp": layout.dp, "mbs": layout.micro_batch_size,
+            "recompute": layout.activation_checkpointing,
+            "zero": "-" if layout.dp == 1 else ("3" if layout.reshard_after_forward else "2"),
+            "bubble": f"{plan.placement.bubble_fraction():.1%}", "peak GiB": f"{plan.peak_bytes / GIB:.1f}",
+            "step s": f"{plan.step.seconds:#.3g}", "MFU": f"{plan.step.mfu:.1%}",
+        })  # fmt: skip
+    return "\n".join([*lines, rows_table(rows)])
