@@ -316,3 +316,12 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
+
+    def seq_len(self) -> int:
+        """Tokens per training sequence: trainer.seq_len, or the model's maximum when unset."""
+        seq_len = self.trainer.seq_len or self.model.max_sequence_length
+        if seq_len > self.model.max_sequence_length:
+            raise ConfigError(
+                f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={self.model.max_sequence_length}"
+            )
+        return seq_len

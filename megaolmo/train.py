@@ -34,7 +34,7 @@ from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_si
 from megaolmo.eval.errors import EvalError
 from megaolmo.eval.in_loop import InLoopDownstream
 from megaolmo.metrics import MetricsWriter, flops_per_token, peak_flops_per_device, peak_memory_gib, plot_losses
-from megaolmo.model.parallelize import ParallelOLMo, validate_layout
+from megaolmo.model.parallelize import ParallelOLMo, microbatches_per_rank, validate_layout
 from megaolmo.optim import build_optimizer, learning_rate, max_grad_norm
 from megaolmo.parallel.mesh import device_type, resolve_dp
 from megaolmo.preemption import PREEMPTED_EXIT_CODE, StopRequest
@@ -71,15 +71,6 @@ class DataSources:
         self.tokenizer = tokenizer
         self.train = MemmapDataset(train, seq_len, data.dtype)
         self.valid = {path.stem: MemmapDataset([path], seq_len, data.dtype) for path in valid}
-
-
-def check_batch_layout(config: Config, dp: int) -> None:
-    trainer = config.trainer
-    if trainer.global_batch_size % (trainer.micro_batch_size * dp):
-        raise ConfigError(
-            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
-            f"trainer.micro_batch_size={trainer.micro_batch_size} x dp={dp}"
-        )
 
 
 def layout_or_hint(config: Config) -> tuple:
@@ -131,13 +122,9 @@ def train(config: Config, stop_request: StopRequest) -> bool:
     """Train to `trainer.stop_at` or `max_steps`; True when a stop signal ended the run early, after a checkpoint."""
     run_dir = Path(config.trainer.run_dir)
     model_config, dp = layout_or_hint(config)
-    check_batch_layout(config, dp)
     trainer = config.trainer
-    seq_len = trainer.seq_len or model_config.max_sequence_length
-    if seq_len > model_config.max_sequence_length:
-        raise ConfigError(
-            f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={model_config.max_sequence_length}"
-        )
+    seq_len = config.seq_len()
+    microbatches_per_rank(config.parallel, dp, trainer.global_batch_size, trainer.micro_batch_size, seq_len)
     data = DataSources(config, seq_len)
     downstream = None
     if trainer.downstream_tasks:

@@ -73,6 +73,37 @@ class StepLosses:
     tokens: int
 
 
+def microbatches_in(parallel: ParallelConfig, rows: int, micro_batch_size: int, seq_len: int) -> int:
+    """Micro-batches in a DP rank's `rows` sequences, after the checks every layout needs."""
+    if rows % micro_batch_size:
+        raise ConfigError(
+            f"this rank's batch of {rows} sequences is not divisible by micro_batch_size={micro_batch_size}"
+        )
+    if parallel.sequence_parallel and seq_len % parallel.tp:
+        raise ConfigError(
+            f"sequence length {seq_len} is not divisible by parallel.tp={parallel.tp} (sequence parallelism)"
+        )
+    n_microbatches = rows // micro_batch_size
+    if parallel.pp > 1 and n_microbatches < parallel.pp:
+        raise ConfigError(
+            f"{n_microbatches} micro-batches per rank cannot fill {parallel.pp} pipeline stages; "
+            "raise the global batch or lower micro_batch_size"
+        )
+    return n_microbatches
+
+
+def microbatches_per_rank(
+    parallel: ParallelConfig, dp: int, global_batch_size: int, micro_batch_size: int, seq_len: int
+) -> int:
+    """Micro-batches each DP rank runs per step: the start-up check of a run's batch against its layout."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={micro_batch_size} x dp={dp}"
+        )
+    return microbatches_in(parallel, global_batch_size // dp, micro_batch_size, seq_len)
+
+
 class ParallelOLMo:
     """This rank's part of an OLMo under a TP x PP x DP layout, and the step that trains it."""
 
@@ -201,21 +232,7 @@ class ParallelOLMo:
     def check_batch(self, input_ids: torch.Tensor, micro_batch_size: int) -> int:
         """Number of micro-batches in this rank's share of the batch, after checking the shapes."""
         batch, seq_len = input_ids.shape
-        if batch % micro_batch_size:
-            raise ConfigError(
-                f"this rank's batch of {batch} sequences is not divisible by micro_batch_size={micro_batch_size}"
-            )
-        if self.parallel.sequence_parallel and seq_len % self.mesh.tp:
-            raise ConfigError(
-                f"sequence length {seq_len} is not divisible by parallel.tp={self.mesh.tp} (sequence parallelism)"
-            )
-        n_microbatches = batch // micro_batch_size
-        if self.parallel.pp > 1 and n_microbatches < self.parallel.pp:
-            raise ConfigError(
-                f"{n_microbatches} micro-batches per rank cannot fill {self.parallel.pp} pipeline stages; "
-                "raise the global batch or lower micro_batch_size"
-            )
-        return n_microbatches
+        return microbatches_in(self.parallel, batch, micro_batch_size, seq_len)
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> StepLosses:
         """Forward and backward of this DP rank's share [B / dp, s] of the global batch; gradients accumulate."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from megaolmo.config import Config, ConfigError, ModelConfig, ParallelConfig
 from megaolmo.metrics import flops_per_token
-from megaolmo.model.parallelize import validate_layout
+from megaolmo.model.parallelize import microbatches_per_rank, validate_layout
 from megaolmo.parallel.mesh import resolve_dp
 from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
 
@@ -31,11 +31,7 @@ class Workload:
     @classmethod
     def from_config(cls, config: Config, device: str) -> Workload:
         model, trainer = config.model, config.trainer
-        seq_len = trainer.seq_len or model.max_sequence_length
-        if seq_len > model.max_sequence_length:
-            raise ConfigError(
-                f"trainer.seq_len={seq_len} exceeds model.max_sequence_length={model.max_sequence_length}"
-            )
+        seq_len = config.seq_len()
         kernels = model.kernels if model.kernels != "auto" else ("triton" if device == "cuda" else "torch")
         fused = config.optim.fused if config.optim.fused is not None else device == "cuda"
         return cls(
@@ -143,19 +139,9 @@ class Placement:
     def __init__(self, work: Workload, layout: Layout) -> None:
         self.work, self.layout = work, layout
         self.model = validate_layout(work.model, layout.parallel_config(), layout.world_size)
-        if work.global_batch_size % (layout.micro_batch_size * layout.dp):
-            raise ConfigError(
-                f"trainer.global_batch_size={work.global_batch_size} is not divisible by "
-                f"trainer.micro_batch_size={layout.micro_batch_size} x dp={layout.dp}"
-            )
-        self.n_microbatches = work.global_batch_size // (layout.micro_batch_size * layout.dp)
-        if layout.sequence_parallel and work.seq_len % layout.tp:
-            raise ConfigError(f"sequence length {work.seq_len} is not divisible by parallel.tp={layout.tp} (SP)")
-        if layout.pp > 1 and self.n_microbatches < layout.pp:
-            raise ConfigError(
-                f"{self.n_microbatches} micro-batches per rank cannot fill {layout.pp} pipeline stages; "
-                "raise the global batch or lower micro_batch_size"
-            )
+        self.n_microbatches = microbatches_per_rank(
+            layout.parallel_config(), layout.dp, work.global_batch_size, layout.micro_batch_size, work.seq_len
+        )
         if layout.vp > 1 and self.n_microbatches % self.rounds:
             raise ConfigError(
                 f"interleaved 1F1B needs the {self.n_microbatches} micro-batches per rank to be a multiple of "
