@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_run import TINY, data_args, losses, train
+from training_run import TINY, data_args, losses, train, train_command
 
 import megaolmo
 from megaolmo.sharded_checkpoint import MANIFEST_FILE
@@ -93,8 +93,7 @@ def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> N
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     bigger = ["model.d_model=256", "model.ffn_hidden_size=1024", "trainer.max_steps=40", "trainer.save_interval=1"]
-    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-               *TINY, *data_args(dataset), "trainer.eval_interval=0", *bigger]  # fmt: skip
+    command = train_command([*TINY, *data_args(dataset), "trainer.eval_interval=0", *bigger], run_dir)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, killed = time.time() + 240, False
     while time.time() < deadline and process.poll() is None:
@@ -155,8 +154,9 @@ def test_full_disk_fails_the_save_and_keeps_everything(dataset, straight: list[f
     run_dir = tmp_path / "run"
     assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
     before = {p.name: p.read_bytes() for p in (checkpoints(run_dir) / "step000002").iterdir()}
-    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-               *TINY, *STEPS, *data_args(dataset), "trainer.stop_at=4", "trainer.tensorboard=false"]  # fmt: skip
+    command = train_command(
+        [*TINY, *STEPS, *data_args(dataset), "trainer.stop_at=4", "trainer.tensorboard=false"], run_dir
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full = subprocess.run(
         command, capture_output=True, text=True, check=False, env=env, preexec_fn=_disk_quota(200_000)
@@ -186,8 +186,7 @@ def test_sigterm_saves_after_the_step_in_flight_and_resumes_exactly(dataset, tmp
     """A scheduler's stop signal costs no progress: a checkpoint at the step boundary, exit 75, exact resume."""
     run_dir = tmp_path / "run"
     long = ["trainer.max_steps=30", "trainer.eval_interval=0"]
-    command = [sys.executable, "-m", "megaolmo.train", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-               *TINY, *data_args(dataset), *long]  # fmt: skip
+    command = train_command([*TINY, *data_args(dataset), *long], run_dir)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:

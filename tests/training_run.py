@@ -71,7 +71,8 @@ def data_args(data: dict[str, Path]) -> list[str]:
     ]
 
 
-def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+def train_command(args: list[str], run_dir: Path, ranks: int = 1) -> list[str]:
+    """`python -m megaolmo.train` (under torchrun for several ranks) writing into `run_dir`."""
     launcher = [sys.executable, "-m", "megaolmo.train"]
     if ranks > 1:
         launcher = [
@@ -83,9 +84,13 @@ def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = Non
             "-m",
             "megaolmo.train",
         ]
+    return [*launcher, f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *args]
+
+
+def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
     return subprocess.run(
-        [*launcher, f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *args],
+        train_command(args, run_dir, ranks),
         capture_output=True, text=True, timeout=600, check=False, env=environment, cwd=run_dir.parent,
     )  # fmt: skip
 
