@@ -1,26 +1,21 @@
-"""Installs megaolmo; the top-level `kernels/` folder becomes `megaolmo.kernels`.
+"""Installs megaolmo; the top-level `kernels/` and `conf/` folders become `megaolmo.kernels` and `megaolmo.conf`.
 
 `kernels` must never be a top-level module: PyPI's `kernels` package exists and
 transformers probes for it, so a stray top-level `kernels` would be picked up.
+`conf/` is the Hydra tree that `python -m megaolmo.train` and `megaolmo.plan`
+compose; a wheel ships it as package data, so an installed megaolmo needs no checkout.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="megaolmo",
     version="0.1.0",
     description="Megatron-style 3D-parallel training of OLMo language models",
     python_requires=">=3.10",
-    packages=[
-        "megaolmo",
-        "megaolmo.model",
-        "megaolmo.parallel",
-        "megaolmo.bench",
-        "megaolmo.data",
-        "megaolmo.eval",
-        "megaolmo.kernels",
-    ],
-    package_dir={"megaolmo.kernels": "kernels"},
+    packages=find_packages(include=["megaolmo", "megaolmo.*"]) + ["megaolmo.kernels", "megaolmo.conf"],
+    package_dir={"megaolmo.kernels": "kernels", "megaolmo.conf": "conf"},
+    package_data={"megaolmo.conf": ["*.yaml", "*/*.yaml"]},  # config.yaml and every group's options
     install_requires=[
         "torch>=2.11,<2.15",
         "numpy",

@@ -6,8 +6,9 @@
 """
 
 from megaolmo.checkpoint import load
-from megaolmo.config import ConfigError, ModelConfig
+from megaolmo.config import ModelConfig
+from megaolmo.errors import ConfigError, MegaolmoError
 from megaolmo.model import OLMo, build_model
 
-__all__ = ["ConfigError", "ModelConfig", "OLMo", "build_model", "load"]
+__all__ = ["ConfigError", "MegaolmoError", "ModelConfig", "OLMo", "build_model", "load"]
 __version__ = "0.1.0"

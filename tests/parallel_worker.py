@@ -14,8 +14,13 @@ from pathlib import Path
 import torch
 from gloo_groups import run_each_on_its_group
 
-from megaolmo.config import ModelConfig, ParallelConfig
-from megaolmo.model.parallelize import ParallelOLMo, validate_layout
+from megaolmo.config import ModelConfig, ParallelConfig, resolve_layout
+from megaolmo.model.engine import ParallelOLMo
+
+
+def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
+    """The model config as megaolmo runs it on this layout (embedding padded for TP)."""
+    return resolve_layout(model, parallel, world_size).model
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
 MODELS = {
@@ -85,7 +90,7 @@ def train(layout: Layout, config: ModelConfig) -> dict:
 
 def reference(layout: Layout) -> dict:
     """The same training in this process, with no process group, at the layout's padded vocabulary."""
-    config = validate_layout(MODELS[layout.model], layout.parallel_config(), layout.world_size)
+    config = resolved_model(MODELS[layout.model], layout.parallel_config(), layout.world_size)
     return train(Layout("single", layout.model, {}, micro_batch_size=GLOBAL_BATCH, z_loss=layout.z_loss), config)
 
 

@@ -26,8 +26,8 @@ from gloo_groups import run_each_on_its_group
 from torch.profiler import ProfilerActivity, profile
 
 from megaolmo.config import ModelConfig, OptimConfig, ParallelConfig
-from megaolmo.model.parallelize import ParallelOLMo
-from megaolmo.optim import build_optimizer
+from megaolmo.model.engine import ParallelOLMo
+from megaolmo.train.optim import build_optimizer
 
 SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH, VOCAB = 128, 16, 4, 512
 MODEL = ModelConfig(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megaolmo.bench.report import format_table, write_rows
+from megaolmo.tables import format_table, write_rows
 
 
 def run_bench(*args: str, cwd: Path, hide_gpu: bool = False) -> subprocess.CompletedProcess:

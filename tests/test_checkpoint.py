@@ -17,7 +17,7 @@ import torch
 from training_run import TINY, data_args, losses, train, train_command
 
 import megaolmo
-from megaolmo.sharded_checkpoint import MANIFEST_FILE
+from megaolmo.checkpoint.sharded import MANIFEST_FILE
 
 STEPS = ["trainer.max_steps=6", "trainer.eval_interval=0"]
 

@@ -24,9 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import megaolmo
-from megaolmo import allenai_olmo, convert, hf_format
 from megaolmo.checkpoint import CheckpointError, load_consolidated, save_consolidated
 from megaolmo.config import ModelConfig
+from megaolmo.convert import __main__ as convert
+from megaolmo.convert import allenai_olmo
+from megaolmo.convert import hf as hf_format
 
 SEQ = 16
 BATCH = 2
@@ -472,7 +474,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("megaolmo.checkpoint.save_file", disk_full)
+    monkeypatch.setattr("megaolmo.checkpoint.consolidated.save_file", disk_full)
     dst = tmp_path / "ckpt"
     with pytest.raises(OSError, match="No space left"):
         save_consolidated(dst, config, state)

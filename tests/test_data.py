@@ -154,7 +154,7 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
 
 def test_prepare_round_trip(dolma_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    meta = prepare([dolma_dir], out, tokenizer_path, None, progress=False)
+    meta = prepare([dolma_dir], out, tokenizer_path=tokenizer_path, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "metadata.json", "tokenizer.json"]
     assert json.loads((out / "metadata.json").read_text()) == meta
     assert meta["format"] == "megaolmo-tokens" and meta["format_version"] == 1
@@ -185,8 +185,8 @@ def test_prepare_round_trip(dolma_dir: Path, tokenizer_path: Path, tmp_path: Pat
 
 
 def test_prepare_in_parallel_writes_the_same_files(dolma_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:
-    serial = prepare([dolma_dir], tmp_path / "serial", tokenizer_path, None, progress=False)
-    parallel = prepare([dolma_dir], tmp_path / "parallel", tokenizer_path, None, workers=2, progress=False)
+    serial = prepare([dolma_dir], tmp_path / "serial", tokenizer_path=tokenizer_path, progress=False)
+    parallel = prepare([dolma_dir], tmp_path / "parallel", tokenizer_path=tokenizer_path, workers=2, progress=False)
     assert {k: v for k, v in serial.items() if k != "files"} == {k: v for k, v in parallel.items() if k != "files"}
     for name in ("a.npy", "b.npy"):
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
@@ -196,16 +196,16 @@ def test_prepare_batches_long_input(tmp_path: Path, tokenizer_path: Path, monkey
     """Documents are tokenized in batches and appended: the result is the same as one batch."""
     texts = [f"document {i} " + "the quick brown fox " * (i % 7) for i in range(50)]
     write_dolma(tmp_path / "many.jsonl", docs(texts))
-    whole = prepare([tmp_path / "many.jsonl"], tmp_path / "whole", tokenizer_path, None, progress=False)
+    whole = prepare([tmp_path / "many.jsonl"], tmp_path / "whole", tokenizer_path=tokenizer_path, progress=False)
     monkeypatch.setattr(prepare_module, "BATCH_DOCUMENTS", 3)
-    batched = prepare([tmp_path / "many.jsonl"], tmp_path / "batched", tokenizer_path, None, progress=False)
+    batched = prepare([tmp_path / "many.jsonl"], tmp_path / "batched", tokenizer_path=tokenizer_path, progress=False)
     assert batched == whole
     assert (tmp_path / "whole/many.npy").read_bytes() == (tmp_path / "batched/many.npy").read_bytes()
 
 
 def test_prepare_trains_a_tokenizer(dolma_dir: Path, tmp_path: Path) -> None:
     extra = write_dolma(tmp_path / "extra.jsonl", docs([" ".join(t.split()[::-1]) for t in [*TEXTS] * 4]))
-    meta = prepare([dolma_dir, extra], tmp_path / "out", None, 280, progress=False)
+    meta = prepare([dolma_dir, extra], tmp_path / "out", train_tokenizer_vocab=280, progress=False)
     tokenizer = load_tokenizer(tmp_path / "out" / "tokenizer.json")
     assert tokenizer.get_vocab_size() == meta["vocab_size"] == 280
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tmp_path / "out" / "tokenizer.json")
@@ -221,7 +221,7 @@ def test_token_dtype() -> None:
 
 def test_prepare_big_vocab_writes_uint32(dolma_dir: Path, tmp_path: Path) -> None:
     tokenizer_path = big_vocab_tokenizer(tmp_path / "big.json")
-    meta = prepare([dolma_dir], tmp_path / "out", tokenizer_path, None, progress=False)
+    meta = prepare([dolma_dir], tmp_path / "out", tokenizer_path=tokenizer_path, progress=False)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000 and meta["eos_token_id"] == 69_999
     tokens = np.fromfile(tmp_path / "out" / "a.npy", dtype=np.uint32)
     assert decode_documents(tokens, load_tokenizer(tokenizer_path), eos=69_999) == TEXTS[:3]
@@ -233,25 +233,25 @@ def test_prepare_big_vocab_writes_uint32(dolma_dir: Path, tmp_path: Path) -> Non
 def test_prepare_errors_write_nothing(dolma_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(DataError, match="exactly one of"):
-        prepare([dolma_dir], out, tokenizer_path, 300, progress=False)
+        prepare([dolma_dir], out, tokenizer_path=tokenizer_path, train_tokenizer_vocab=300, progress=False)
     with pytest.raises(DataError, match="exactly one of"):
-        prepare([dolma_dir], out, None, None, progress=False)
+        prepare([dolma_dir], out, progress=False)
     bad = write_dolma(tmp_path / "bad" / "c.jsonl", [{"text": "fine"}, {"id": "no text"}])
     with pytest.raises(DataError, match=r"c\.jsonl:2: document has no 'text'"):
-        prepare([dolma_dir, bad], out, tokenizer_path, None, progress=False)
+        prepare([dolma_dir, bad], out, tokenizer_path=tokenizer_path, progress=False)
     with pytest.raises(DataError, match=r"c\.jsonl:2"):
-        prepare([dolma_dir, bad], out, tokenizer_path, None, workers=2, progress=False)
+        prepare([dolma_dir, bad], out, tokenizer_path=tokenizer_path, workers=2, progress=False)
     write_dolma(tmp_path / "other" / "a.jsonl", docs(["x"]))
     with pytest.raises(DataError, match="would both write a.npy"):
-        prepare([dolma_dir, tmp_path / "other"], out, tokenizer_path, None, progress=False)
+        prepare([dolma_dir, tmp_path / "other"], out, tokenizer_path=tokenizer_path, progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dolma", "other"]  # no temporary left
     out.mkdir()
     (out / "old.npy").write_bytes(b"")
     with pytest.raises(DataError, match="already exists and is not empty"):
-        prepare([dolma_dir], out, tokenizer_path, None, progress=False)
+        prepare([dolma_dir], out, tokenizer_path=tokenizer_path, progress=False)
     (out / "old.npy").unlink()
-    prepare([dolma_dir], out, tokenizer_path, None, progress=False)  # an empty directory is fine
+    prepare([dolma_dir], out, tokenizer_path=tokenizer_path, progress=False)  # an empty directory is fine
 
 
 def test_cli_error_is_one_line_exit_2_and_writes_nothing(dolma_dir: Path, tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_memmap_dataset_errors(tmp_path: Path, dolma_dir: Path, tokenizer_path: 
         MemmapDataset([tmp_path / "raw.npy"], seq_len=4, dtype="float32")
     with pytest.raises(DataError, match="seq_len=0"):
         MemmapDataset([tmp_path / "raw.npy"], seq_len=0, dtype="uint16")
-    prepare([dolma_dir], tmp_path / "out", tokenizer_path, None, progress=False)
+    prepare([dolma_dir], tmp_path / "out", tokenizer_path=tokenizer_path, progress=False)
     with pytest.raises(DataError, match="dtype uint32 was passed but metadata.json says uint16"):
         MemmapDataset([tmp_path / "out" / "a.npy"], seq_len=4, dtype="uint32")
     with open(tmp_path / "out" / "a.npy", "r+b") as f:
@@ -408,7 +408,7 @@ def test_batch_errors(dataset: MemmapDataset) -> None:
 
 
 def test_check_compatible(dolma_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:
-    prepare([dolma_dir], tmp_path / "out", tokenizer_path, None, progress=False)
+    prepare([dolma_dir], tmp_path / "out", tokenizer_path=tokenizer_path, progress=False)
     fingerprint = tokenizer_fingerprint(tokenizer_path)
     check_compatible(tmp_path / "out", fingerprint, 300)
     check_compatible([tmp_path / "out" / "a.npy", tmp_path / "out" / "b.npy"], fingerprint, 50304)

@@ -22,8 +22,8 @@ import transformers
 from data_fixtures import small_tokenizer, write_dolma
 
 import megaolmo
-from megaolmo import convert
 from megaolmo.checkpoint import save_consolidated
+from megaolmo.convert import __main__ as convert
 from megaolmo.data import load_tokenizer
 from megaolmo.eval import evaluate_tasks, load_tasks, score_documents, sliding_windows
 from megaolmo.eval.__main__ import main

@@ -9,8 +9,8 @@ import torch
 
 from megaolmo.config import ConfigError, Fp8Config, ModelConfig, OptimConfig, ParallelConfig
 from megaolmo.data import GlobalBatches, MemmapDataset
-from megaolmo.model.parallelize import ParallelOLMo
-from megaolmo.optim import learning_rate
+from megaolmo.model.engine import ParallelOLMo
+from megaolmo.train.optim import learning_rate
 
 CONFIG = ModelConfig(
     d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=96, vocab_size=512, max_sequence_length=64, kernels="torch"

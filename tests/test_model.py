@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transformers
 
 from megaolmo import ModelConfig, build_model
-from megaolmo.hf_format import config_to_hf, state_to_hf
+from megaolmo.convert.hf import config_to_hf, state_to_hf
 
 CONFIGS = {
     "tied": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, weight_tying=True),

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megaolmo.config import ModelConfig, ParallelConfig
-from megaolmo.model.parallelize import ParallelOLMo
+from megaolmo.model.engine import ParallelOLMo
 
 pytestmark = pytest.mark.gpu
 

@@ -11,10 +11,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tp_worker import BATCH, CONFIG, SEQ, run_checks
 
-from megaolmo.config import ConfigError, ModelConfig, ParallelConfig
+from megaolmo.config import ConfigError, ModelConfig, ParallelConfig, resolve_layout
+from megaolmo.model.engine import ParallelOLMo
 from megaolmo.model.olmo import OLMoBlock
-from megaolmo.model.parallelize import ParallelOLMo, validate_layout
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+
+def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
+    """The model config as megaolmo runs it on this layout (embedding padded for TP)."""
+    return resolve_layout(model, parallel, world_size).model
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +122,20 @@ MODEL = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_
 )
 def test_invalid_layouts_fail_before_any_group_exists(parallel: dict, world: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
-        validate_layout(MODEL, ParallelConfig(**parallel), world)
+        resolved_model(MODEL, ParallelConfig(**parallel), world)
     assert "\n" not in str(info.value)
 
 
 def test_layout_errors_of_the_model_widths() -> None:
     with pytest.raises(ConfigError, match="model.ffn_hidden_size=90 is not divisible by parallel.tp=4"):
-        validate_layout(ModelConfig(d_model=64, n_heads=4, ffn_hidden_size=90), ParallelConfig(tp=4), 4)
+        resolved_model(ModelConfig(d_model=64, n_heads=4, ffn_hidden_size=90), ParallelConfig(tp=4), 4)
     with pytest.raises(ConfigError, match="model.embedding_size=1001 is not divisible by parallel.tp=2"):
-        validate_layout(ModelConfig(d_model=64, vocab_size=1000, embedding_size=1001), ParallelConfig(tp=2), 2)
+        resolved_model(ModelConfig(d_model=64, vocab_size=1000, embedding_size=1001), ParallelConfig(tp=2), 2)
 
 
 def test_embedding_pads_to_a_multiple_of_128_times_tp() -> None:
-    assert validate_layout(ModelConfig(vocab_size=1030), ParallelConfig(tp=4), 4).padded_vocab_size == 1536
-    assert validate_layout(ModelConfig(vocab_size=1030), ParallelConfig(), 1).padded_vocab_size == 1152
+    assert resolved_model(ModelConfig(vocab_size=1030), ParallelConfig(tp=4), 4).padded_vocab_size == 1536
+    assert resolved_model(ModelConfig(vocab_size=1030), ParallelConfig(), 1).padded_vocab_size == 1152
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megaolmo.bench.report import write_rows
 from megaolmo.config import ModelConfig
+from megaolmo.tables import write_rows
 
 OPS = ("layer_norm", "swiglu", "rope")
 MODES = ("forward", "backward", "forward+backward")

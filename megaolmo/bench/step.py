@@ -18,12 +18,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megaolmo.bench.report import write_rows
 from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
-from megaolmo.distributed import init_distributed, is_rank_zero, launch_world_size, shutdown
-from megaolmo.hf_format import config_to_hf, state_to_hf
-from megaolmo.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
-from megaolmo.model.parallelize import ParallelOLMo
+from megaolmo.convert.hf import config_to_hf, state_to_hf
+from megaolmo.model.engine import ParallelOLMo
+from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+from megaolmo.parallel.launch import init_distributed, is_rank_zero, launch_world_size, shutdown
+from megaolmo.tables import write_rows
 
 
 def available_linears(device: torch.device) -> list[str]:

@@ -4,6 +4,7 @@ prepare(...) / python -m megaolmo.data.prepare   Dolma files -> <out>/*.npy + me
 builtin_corpus()                                  the Python standard library, prepared once and cached
 MemmapDataset(paths, seq_len)                     fixed-length instances, OLMo's rule
 GlobalBatches(dataset, global_batch_size, seed)   batch(step): the same rows whatever the parallel layout
+DataSources(data_config, ...)                     a training run's memmaps and held-out sources, checked
 """
 
 import warnings
@@ -15,14 +16,18 @@ warnings.filterwarnings("ignore", message="'megaolmo.data.prepare' found in sys.
 from megaolmo.data.corpus import BuiltinCorpus, builtin_corpus
 from megaolmo.data.dataset import GlobalBatches, MemmapDataset, check_compatible, global_order
 from megaolmo.data.dolma import iter_documents
-from megaolmo.data.errors import DataError
+from megaolmo.data.labels import IGNORE_INDEX, shifted_labels
 from megaolmo.data.metadata import read_metadata, token_dtype
 from megaolmo.data.prepare import prepare
+from megaolmo.data.sources import DataSources
 from megaolmo.data.tokenizer import eos_id, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from megaolmo.errors import DataError
 
 __all__ = [
+    "IGNORE_INDEX",
     "BuiltinCorpus",
     "DataError",
+    "DataSources",
     "GlobalBatches",
     "MemmapDataset",
     "builtin_corpus",
@@ -33,6 +38,7 @@ __all__ = [
     "load_tokenizer",
     "prepare",
     "read_metadata",
+    "shifted_labels",
     "token_dtype",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",

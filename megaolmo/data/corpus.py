@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaolmo.data.errors import DataError
 from megaolmo.data.metadata import TOKENIZER_FILE, read_metadata
 from megaolmo.data.prepare import prepare
+from megaolmo.errors import DataError
 
 CORPUS_VERSION = 1  # bump when the selection or the layout changes, so old caches are not reused
 SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
@@ -128,12 +128,12 @@ def _build(root: Path, vocab_size: int, progress: bool) -> dict:
     del train, valid
     summary = {}
     start = time.perf_counter()
-    meta = prepare([documents / "train.jsonl.gz"], root / "train", None, vocab_size, progress=progress)
+    meta = prepare([documents / "train.jsonl.gz"], root / "train", train_tokenizer_vocab=vocab_size, progress=progress)
     summary["train"] = {k: meta[k] for k in ("tokens", "documents", "bytes")} | {
         "seconds": round(time.perf_counter() - start, 2)
     }
     start = time.perf_counter()
-    meta = prepare([documents / "valid"], root / "valid", root / "train" / TOKENIZER_FILE, None, progress=progress)
+    meta = prepare([documents / "valid"], root / "valid", tokenizer_path=root / "train" / TOKENIZER_FILE, progress=progress)
     summary["valid"] = {k: meta[k] for k in ("tokens", "documents", "bytes")} | {
         "seconds": round(time.perf_counter() - start, 2),
         "sources": meta["sources"],

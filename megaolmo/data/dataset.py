@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megaolmo.data.errors import DataError
 from megaolmo.data.metadata import METADATA_FILE, read_metadata
 from megaolmo.data.tokenizer import tokenizer_fingerprint as fingerprint_of
+from megaolmo.errors import DataError
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 

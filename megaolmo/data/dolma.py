@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megaolmo.data.errors import DataError
 from megaolmo.data.jsonl import json_objects
+from megaolmo.errors import DataError
 
 SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl")
 

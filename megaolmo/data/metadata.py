@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaolmo.data.errors import DataError
+from megaolmo.errors import DataError
 
 FORMAT = "megaolmo-tokens"
 FORMAT_VERSION = 1

@@ -29,9 +29,9 @@ import numpy as np
 
 from megaolmo.atomic import atomic_directory, refuse_existing
 from megaolmo.data.dolma import dolma_files, dolma_stem, iter_documents
-from megaolmo.data.errors import DataError
 from megaolmo.data.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, token_dtype
 from megaolmo.data.tokenizer import load_tokenizer, tokenizer_summary, train_bpe_tokenizer
+from megaolmo.errors import DataError, MegaolmoError, report
 
 BATCH_DOCUMENTS = 1024  # documents per encode_batch call
 BATCH_CHARS = 8 << 20  # ... or fewer when they are long: bounds memory whatever the documents' size
@@ -158,8 +158,9 @@ def _tokenize_all(
 def prepare(
     inputs: list[Path],
     out_dir: Path,
-    tokenizer_path: Path | None,
-    train_tokenizer_vocab: int | None,
+    *,
+    tokenizer_path: Path | None = None,
+    train_tokenizer_vocab: int | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -219,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        meta = prepare(args.inputs, args.out, args.tokenizer, args.train_tokenizer, args.workers, not args.no_progress)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        meta = prepare(args.inputs, args.out, tokenizer_path=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
+                       workers=args.workers, progress=not args.no_progress)
+    except MegaolmoError as err:
+        return report(err)
     print(
         f"wrote {args.out}: {meta['tokens']} tokens ({meta['dtype']}) in {meta['documents']} documents "
         f"from {len(meta['files'])} files"

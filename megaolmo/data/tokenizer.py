@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megaolmo.data.errors import DataError
+from megaolmo.errors import DataError
 
 if TYPE_CHECKING:
     import tokenizers

@@ -9,8 +9,8 @@ From Python (the training loop, a notebook), with any `model(ids) -> logits`:
     evaluate_tasks(model, tokenizer, load_tasks(paths), normalization=None)   accuracy per task and the average
 """
 
+from megaolmo.errors import EvalError
 from megaolmo.eval.downstream import evaluate_tasks, score_examples
-from megaolmo.eval.errors import EvalError
 from megaolmo.eval.perplexity import score_documents, sliding_windows
 from megaolmo.eval.tasks import Example, Task, load_task, load_tasks
 

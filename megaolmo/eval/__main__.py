@@ -15,16 +15,16 @@ import argparse
 import sys
 from typing import Any
 
-from megaolmo.data import DataError, iter_documents, load_tokenizer
+from megaolmo.data import iter_documents, load_tokenizer
 from megaolmo.data.dolma import dolma_files
 from megaolmo.data.tokenizer import vocab_size
-from megaolmo.distributed import shutdown
+from megaolmo.errors import EvalError, MegaolmoError, report
 from megaolmo.eval.downstream import UNCONDITIONAL_PROMPT, evaluate_tasks
-from megaolmo.eval.errors import EvalError
 from megaolmo.eval.perplexity import score_documents
 from megaolmo.eval.report import check_out, downstream_table, perplexity_table, write_json
 from megaolmo.eval.runtime import DTYPES, choose_device, choose_dtype, load_model, rank_and_world, start
 from megaolmo.eval.tasks import NORMALIZATIONS, load_tasks
+from megaolmo.parallel.launch import shutdown
 
 
 def positive(text: str) -> int:
@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
         clean = True
-    except (EvalError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MegaolmoError as err:
+        return report(err)
     finally:
         shutdown(clean)
     return 0

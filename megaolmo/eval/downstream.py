@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from megaolmo.data.tokenizer import eos_id
-from megaolmo.eval.errors import EvalError
+from megaolmo.errors import EvalError
 from megaolmo.eval.runtime import gather, my_share, rank_and_world
 from megaolmo.eval.scoring import Model, Row, Scorer, score_rows
 from megaolmo.eval.tasks import NORMALIZATIONS, Example, Task

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from megaolmo.data.tokenizer import eos_id
-from megaolmo.eval.errors import EvalError
+from megaolmo.errors import EvalError
 from megaolmo.eval.runtime import gather, rank_and_world
 from megaolmo.eval.scoring import Model, Row, score_rows
 

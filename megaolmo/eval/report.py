@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megaolmo.eval.errors import EvalError
+from megaolmo.errors import EvalError
 
 
 def _number(value: float | None, digits: int) -> str:

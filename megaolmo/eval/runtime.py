@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from megaolmo.distributed import init_distributed
-from megaolmo.eval.errors import EvalError
+from megaolmo.checkpoint import load
+from megaolmo.errors import EvalError
 from megaolmo.model import OLMo
+from megaolmo.parallel.launch import init_distributed
 
 T = TypeVar("T")
 
@@ -83,11 +84,9 @@ def my_share(items: Sequence[T]) -> list[tuple[int, T]]:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> OLMo:
-    """The checkpoint's model in eval mode on `device`; any checkpoint problem is one EvalError line."""
-    from megaolmo.checkpoint import CheckpointError, load
-    from megaolmo.config import ConfigError
-
+    """The checkpoint's model in eval mode on `device`; a missing file is one EvalError line (a bad
+    checkpoint raises CheckpointError, which the entry point reports the same way)."""
     try:
         return load(path, device=device, dtype=dtype)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
         raise EvalError(str(err)) from None

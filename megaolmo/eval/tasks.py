@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from megaolmo.data.jsonl import json_objects
-from megaolmo.eval.errors import EvalError
+from megaolmo.errors import EvalError
 
 NORMALIZATIONS = ("none", "per-token", "per-character", "unconditional")
 OE_EVAL_METRICS = {  # oe-eval's primary_metric -> the normalization it ranks choices by

@@ -17,6 +17,7 @@ def shard_data_parallel(
     root: nn.Module,
     children: list[nn.Module],
     dp_mesh: DeviceMesh,
+    *,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,

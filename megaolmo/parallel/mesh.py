@@ -14,20 +14,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megaolmo.config import ConfigError, ParallelConfig
-
-
-def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
-    """The data-parallel degree, inferred from the world size when not given; checked against it."""
-    model_parallel = parallel.tp * parallel.pp
-    dp = parallel.dp if parallel.dp is not None else world_size // model_parallel
-    if dp < 1 or model_parallel * dp != world_size:
-        raise ConfigError(
-            f"world size {world_size} is not parallel.tp={parallel.tp} x parallel.pp={parallel.pp} x "
-            f"parallel.dp={parallel.dp if parallel.dp is not None else 'inferred'}; launch "
-            f"{model_parallel * max(dp, 1)} ranks or change the degrees"
-        )
-    return dp
+from megaolmo.config import ParallelConfig, resolve_dp
+from megaolmo.errors import ConfigError
 
 
 def device_type(parallel: ParallelConfig) -> str:

@@ -19,7 +19,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from megaolmo.config import ConfigError
+from megaolmo.config import stage_layer_counts
 
 SCHEDULES = {
     "1f1b": Schedule1F1B,
@@ -29,21 +29,10 @@ SCHEDULES = {
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int, split: list[int] | None = None) -> list[range]:
-    """The blocks of each stage: an even split, or `split[i]` blocks for stage i."""
-    if split is None:
-        if n_layers % n_stages:
-            raise ConfigError(
-                f"model.n_layers={n_layers} does not divide into {n_stages} pipeline stages (pp x vp); "
-                "change the degrees or give parallel.pp_layer_split"
-            )
-        split = [n_layers // n_stages] * n_stages
-    if len(split) != n_stages or sum(split) != n_layers or min(split) < 1:
-        raise ConfigError(
-            f"parallel.pp_layer_split={split} must have {n_stages} entries (pp x vp), each >= 1, "
-            f"summing to model.n_layers={n_layers}"
-        )
-    starts = [sum(split[:i]) for i in range(n_stages)]
-    return [range(start, start + count) for start, count in zip(starts, split)]
+    """The blocks of each stage: an even split, or `split[i]` blocks for stage i (checked by the config)."""
+    counts = stage_layer_counts(n_layers, n_stages, split)
+    starts = [sum(counts[:i]) for i in range(n_stages)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
 
 
 def stages_of_rank(pp_rank: int, pp: int, vp: int) -> list[int]:
@@ -53,6 +42,7 @@ def stages_of_rank(pp_rank: int, pp: int, vp: int) -> list[int]:
 
 def build_schedule(
     name: str,
+    *,
     modules: list[nn.Module],
     stage_ids: list[int],
     n_stages: int,

@@ -18,7 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megaolmo.config import CONF_DIR, Config, ConfigError
+from megaolmo.config import CONF_DIR, Config
+from megaolmo.errors import ConfigError, MegaolmoError, report
 from megaolmo.plan import make_plan
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import Layout, Workload
@@ -71,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{hardware.devices_per_node} per node): {err}"
             ) from None
         plan = make_plan(work, layout, hardware)
-    except (ConfigError, HydraException, OmegaConfBaseException) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    except MegaolmoError as err:
+        return report(err)
+    except (HydraException, OmegaConfBaseException) as err:  # an override Hydra cannot compose
+        return report(ConfigError(str(err)))
     print(format_plan(plan, title))
     if not plan.fits:
         print(f"error: {refusal(plan)}", file=sys.stderr)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megaolmo.config import ClusterConfig, ConfigError
-from megaolmo.metrics import measured_peak_flops
+from megaolmo.model.flops import measured_peak_flops
 
 GIB = 2**30
 

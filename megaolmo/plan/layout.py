@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megaolmo.config import Config, ConfigError, ModelConfig, ParallelConfig
-from megaolmo.metrics import flops_per_token
-from megaolmo.model.parallelize import microbatches_per_rank, validate_layout
-from megaolmo.parallel.mesh import resolve_dp
-from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
+from megaolmo.config import Config, ModelConfig, ParallelConfig, microbatches_per_rank, resolve_dp, resolve_layout
+from megaolmo.errors import ConfigError
+from megaolmo.model.flops import flops_per_token
+from megaolmo.parallel.pipeline import stages_of_rank
 
 RECOMPUTE_NAMES = {"none": "no recompute", "selective": "selective recompute", "full": "full recompute"}
 
@@ -138,17 +137,21 @@ class Placement:
 
     def __init__(self, work: Workload, layout: Layout) -> None:
         self.work, self.layout = work, layout
-        self.model = validate_layout(work.model, layout.parallel_config(), layout.world_size)
+        resolved = resolve_layout(work.model, layout.parallel_config(), layout.world_size)
+        self.model = resolved.model
         self.n_microbatches = microbatches_per_rank(
-            layout.parallel_config(), layout.dp, work.global_batch_size, layout.micro_batch_size, work.seq_len
+            resolved.parallel,
+            dp=resolved.dp,
+            global_batch_size=work.global_batch_size,
+            micro_batch_size=layout.micro_batch_size,
+            seq_len=work.seq_len,
         )
         if layout.vp > 1 and self.n_microbatches % self.rounds:
             raise ConfigError(
                 f"interleaved 1F1B needs the {self.n_microbatches} micro-batches per rank to be a multiple of "
                 f"{self.rounds} rounds of {layout.pp}"
             )
-        n_stages = layout.pp * layout.vp
-        self.stage_layers = [len(r) for r in stage_layer_ranges(self.model.n_layers, n_stages, layout.pp_layer_split)]
+        self.stage_layers = list(resolved.stage_layers)
 
     @property
     def rounds(self) -> int:

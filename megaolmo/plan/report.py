@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from megaolmo.bench.report import format_table as rows_table
 from megaolmo.plan import Plan
 from megaolmo.plan.hardware import GIB
 from megaolmo.plan.memory import FP32, block_activation_terms, dtype_bytes, logits_bytes
+from megaolmo.tables import format_table as rows_table
 
 MIB = 2**20
 

@@ -18,7 +18,8 @@ import io
 import torch
 from torch import nn
 
-from megaolmo.config import ConfigError, Fp8Config
+from megaolmo.config import Fp8Config
+from megaolmo.errors import ConfigError
 from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -48,7 +49,7 @@ def _fp8_layers(stage: nn.Module, n_layers: int, config: Fp8Config):
                 yield f"blocks.{block_name}.{name}", layer
 
 
-def apply_fp8(stage: nn.Module, linear: str, config: Fp8Config, n_layers: int, amax_group=None) -> list[str]:
+def apply_fp8(stage: nn.Module, *, linear: str, config: Fp8Config, n_layers: int, amax_group=None) -> list[str]:
     """Swap the local GEMMs of a materialized, initialized stage; returns the layers left in high precision."""
     if linear == "torch":
         return []

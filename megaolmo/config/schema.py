@@ -1,8 +1,9 @@
-"""Typed configuration of megaolmo.
+"""The typed configs: every key in a dataclass with a type, a default and a one-line comment.
 
-Every key lives in a dataclass with a type, a default and a one-line comment;
-presets are plain instances. Validation happens here, before any tensor or
-process group exists, and fails with one line that names the bad value.
+Hydra composes conf/ over `Config` (registered as `megaolmo_schema`), so an
+unknown key or a wrong type fails before anything runs; each dataclass checks
+its own fields in `__post_init__` with one line that names the bad value.
+Checks across fields and against the launched ranks live in resolve.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that megaolmo cannot run with; the message says which and how to fix it."""
-
+from megaolmo.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
@@ -133,7 +131,14 @@ class ModelConfig:
         return cls(**{**values, **overrides})
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The Hydra tree: installed as megaolmo/conf by a wheel, at the top of a checkout otherwise."""
+    package = Path(__file__).resolve().parent.parent  # megaolmo/
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def model_presets() -> list[str]:

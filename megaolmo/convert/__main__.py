@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from megaolmo.allenai_olmo import read_olmo_dir
-from megaolmo.checkpoint import CheckpointError, load_model_state, save_consolidated
-from megaolmo.config import ConfigError
-from megaolmo.hf_format import read_hf_dir, state_from_hf, state_to_hf, write_hf_dir
+from megaolmo.checkpoint import load_state_dict, save_consolidated
+from megaolmo.convert.allenai_olmo import read_olmo_dir
+from megaolmo.convert.hf import read_hf_dir, state_from_hf, state_to_hf, write_hf_dir
+from megaolmo.errors import MegaolmoError, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,13 +36,13 @@ def from_hf(args: argparse.Namespace) -> None:
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    config, state = load_model_state(args.src)
+    config, state = load_state_dict(args.src)
     tensors = state_to_hf(config, cast(state, args.dtype))
     write_hf_dir(Path(args.dst), config, tensors, int(args.max_shard_gb * 2**30))
 
 
 def consolidate(args: argparse.Namespace) -> None:
-    config, state = load_model_state(args.src)
+    config, state = load_state_dict(args.src)
     save_consolidated(args.dst, config, cast(state, args.dtype))
 
 
@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MegaolmoError as err:
+        return report(err)
     print(f"wrote {args.dst}")
     return 0
 

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import yaml
 
-from megaolmo.checkpoint import check_tensors, expected_shapes
-from megaolmo.config import ConfigError, ModelConfig
-from megaolmo.hf_format import ConversionError, read_safetensors
+from megaolmo.checkpoint.consolidated import check_tensors, expected_shapes
+from megaolmo.config import ModelConfig
+from megaolmo.convert.hf import read_safetensors
+from megaolmo.errors import ConfigError, ConversionError
 
 
 def config_from_olmo(model: Mapping[str, Any], source: str) -> ModelConfig:

@@ -1,6 +1,5 @@
-"""megaolmo checkpoints on disk, and `megaolmo.load`.
-
-The consolidated format is one directory:
+"""The consolidated checkpoint: one directory holding the whole model, unsharded, which
+`megaolmo.load`, the evaluators and `python -m megaolmo.convert to-hf` read:
 
     config.json        {"format": "megaolmo-consolidated", "format_version": 1, "model": {ModelConfig}}
     model.safetensors  the model's state_dict, unsharded, in the dtype it was saved in
@@ -19,17 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megaolmo.atomic import atomic_directory
-from megaolmo.config import ConfigError, ModelConfig
-from megaolmo.model import OLMo, build_model
+from megaolmo.config import ModelConfig
+from megaolmo.errors import CheckpointError, ConfigError
+from megaolmo.model import build_model
 
 CONSOLIDATED_FORMAT = "megaolmo-consolidated"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message names the path and the fix."""
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -122,24 +118,3 @@ def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     state = load_file(str(weights), device="cpu")
     check_state_dict(config, state, str(weights))
     return config, state
-
-
-def load_model_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Model config and unsharded state_dict of a consolidated or a sharded (training) checkpoint."""
-    from megaolmo.sharded_checkpoint import STATE_FILE, load_full_model  # it builds on this module
-
-    if (Path(path) / STATE_FILE).is_file():
-        return load_full_model(Path(path))
-    return load_consolidated(path)
-
-
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OLMo:
-    """The model of a megaolmo checkpoint (consolidated, or sharded at any layout), in eval mode, on `device`.
-
-    Parameters keep the checkpoint's dtype unless `dtype` is given.
-    """
-    config, state = load_model_state(path)
-    model = build_model(config, device="meta")
-    model.load_state_dict(state, assign=True)
-    model.to(device=device, dtype=dtype)
-    return model.eval()

@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from megaolmo.bench.report import write_rows
+from megaolmo.tables import write_rows
 
 SUMMARY_FILE = "summary.csv"
 POINT_RESOLVER = "megaolmo_sweep_point"  # conf/config.yaml: hydra.sweep.subdir: ${megaolmo_sweep_point:}

@@ -16,17 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megaolmo.checkpoint import (
-    CheckpointError,
-    check_tensors,
-    write_atomically,
-)
-from megaolmo.config import ConfigError, ModelConfig
-
-
-class ConversionError(CheckpointError):
-    """An input that cannot be converted; the message names the file or value at fault."""
-
+from megaolmo.checkpoint.consolidated import check_tensors, write_atomically
+from megaolmo.config import ModelConfig
+from megaolmo.errors import ConfigError, ConversionError
 
 # Hugging Face config <-> ModelConfig
 

@@ -32,9 +32,10 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from megaolmo.checkpoint import CheckpointError
 from megaolmo.config import ModelConfig
-from megaolmo.fp8 import load_scaling_states, scaling_states
+from megaolmo.errors import CheckpointError
+from megaolmo.model import build_model
+from megaolmo.model.fp8 import load_scaling_states, scaling_states
 from megaolmo.parallel import ColumnParallelLinear, tensor_parallel_layers
 
 SHARDED_FORMAT = "megaolmo-sharded"
@@ -140,9 +141,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(
+def save_sharded(
     directory: Path,
     step: int,
+    *,
     model,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
@@ -305,7 +307,7 @@ def _verified_once(path: Path) -> dict:
 
 
 @torch.no_grad()
-def load(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
+def restore_sharded(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
     """Load a checkpoint (saved at any layout) into this layout's model and optimizer; returns its state."""
     state = _verified_once(path)
     check_same_model(state["model"], model.config, path)
@@ -341,10 +343,8 @@ def load(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
-def load_full_model(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_sharded(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The whole model of a sharded checkpoint on one CPU process, whatever layout wrote it."""
-    from megaolmo.model import build_model
-
     state = verify(path)
     config = ModelConfig.from_dict(state["model"])
     model = build_model(config, device="cpu", init=False)

@@ -1,0 +1,152 @@
+"""The one resolver of a config against a world size: the start-up checks of every layout, in one place.
+
+`resolve` (or `resolve_layout` for a model and a layout alone) checks the degrees
+against the launched ranks and the model, pads the embedding for TP, splits the
+blocks into pipeline stages and counts the micro-batches, before any process
+group or tensor exists. Training, the step engine and the planner all take their
+layout from it, so they cannot disagree about what a config means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megaolmo.config.schema import Config, ModelConfig, ParallelConfig
+from megaolmo.errors import ConfigError, WorldSizeError
+
+
+def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree, inferred from the world size when not given; checked against it."""
+    model_parallel = parallel.tp * parallel.pp
+    dp = parallel.dp if parallel.dp is not None else world_size // model_parallel
+    if dp < 1 or model_parallel * dp != world_size:
+        needed = model_parallel * max(dp, 1)
+        raise WorldSizeError(
+            f"world size {world_size} is not parallel.tp={parallel.tp} x parallel.pp={parallel.pp} x "
+            f"parallel.dp={parallel.dp if parallel.dp is not None else 'inferred'}; launch "
+            f"{needed} ranks or change the degrees",
+            needed=needed,
+        )
+    return dp
+
+
+def stage_layer_counts(n_layers: int, n_stages: int, split: list[int] | None = None) -> list[int]:
+    """Blocks per pipeline stage: an even split, or `split[i]` blocks for stage i."""
+    if split is None:
+        if n_layers % n_stages:
+            raise ConfigError(
+                f"model.n_layers={n_layers} does not divide into {n_stages} pipeline stages (pp x vp); "
+                "change the degrees or give parallel.pp_layer_split"
+            )
+        return [n_layers // n_stages] * n_stages
+    if len(split) != n_stages or sum(split) != n_layers or min(split) < 1:
+        raise ConfigError(
+            f"parallel.pp_layer_split={split} must have {n_stages} entries (pp x vp), each >= 1, "
+            f"summing to model.n_layers={n_layers}"
+        )
+    return list(split)
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    """A model laid out over a world: the model with its embedding padded for TP, the degrees and the stages."""
+
+    model: ModelConfig  # embedding_size set: vocab_size padded to a multiple of 128 x tp unless given
+    parallel: ParallelConfig
+    dp: int
+    stage_layers: tuple[int, ...]  # blocks of each of the pp x vp pipeline stages
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp * self.dp
+
+
+def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ResolvedLayout:
+    """Check a layout against the world size and the model before any group or tensor exists."""
+    dp = resolve_dp(parallel, world_size)
+    tp = parallel.tp
+    if model.n_heads % tp:
+        raise ConfigError(f"model.n_heads={model.n_heads} is not divisible by parallel.tp={tp}")
+    if model.kv_heads % tp:
+        raise ConfigError(
+            f"model.n_kv_heads={model.kv_heads} is not divisible by parallel.tp={tp}; each TP rank needs whole "
+            "key/value heads (megaolmo does not replicate them): use a tp that divides n_kv_heads"
+        )
+    for name in ("ffn_hidden_size", "d_model"):
+        if getattr(model, name) % tp:
+            raise ConfigError(f"model.{name}={getattr(model, name)} is not divisible by parallel.tp={tp}")
+    if parallel.vp > 1 and parallel.pp == 1:
+        raise ConfigError(f"parallel.vp={parallel.vp} needs parallel.pp > 1")
+    stage_layers = stage_layer_counts(model.n_layers, parallel.pp * parallel.vp, parallel.pp_layer_split)
+    if model.embedding_size is None:
+        multiple = 128 * tp
+        model = dataclasses.replace(model, embedding_size=-(-model.vocab_size // multiple) * multiple)
+    elif model.embedding_size % tp:
+        raise ConfigError(
+            f"model.embedding_size={model.embedding_size} is not divisible by parallel.tp={tp}; "
+            "set it to a multiple of tp, or to null to pad automatically"
+        )
+    return ResolvedLayout(model=model, parallel=parallel, dp=dp, stage_layers=tuple(stage_layers))
+
+
+def microbatches_in(parallel: ParallelConfig, rows: int, micro_batch_size: int, seq_len: int) -> int:
+    """Micro-batches in a DP rank's `rows` sequences, after the checks every layout needs."""
+    if rows % micro_batch_size:
+        raise ConfigError(
+            f"this rank's batch of {rows} sequences is not divisible by micro_batch_size={micro_batch_size}"
+        )
+    if parallel.sequence_parallel and seq_len % parallel.tp:
+        raise ConfigError(
+            f"sequence length {seq_len} is not divisible by parallel.tp={parallel.tp} (sequence parallelism)"
+        )
+    n_microbatches = rows // micro_batch_size
+    if parallel.pp > 1 and n_microbatches < parallel.pp:
+        raise ConfigError(
+            f"{n_microbatches} micro-batches per rank cannot fill {parallel.pp} pipeline stages; "
+            "raise the global batch or lower micro_batch_size"
+        )
+    return n_microbatches
+
+
+def microbatches_per_rank(
+    parallel: ParallelConfig, *, dp: int, global_batch_size: int, micro_batch_size: int, seq_len: int
+) -> int:
+    """Micro-batches each DP rank runs per step: a run's batch checked against its layout."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={micro_batch_size} x dp={dp}"
+        )
+    return microbatches_in(parallel, global_batch_size // dp, micro_batch_size, seq_len)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A training config resolved against the launched ranks: what every start-up check derived."""
+
+    layout: ResolvedLayout
+    seq_len: int  # tokens per training sequence
+    microbatches: int  # micro-batches per DP rank per step
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.layout.model
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+
+def resolve(config: Config, world_size: int) -> ResolvedRun:
+    """Every start-up check of a training run on `world_size` ranks, before any group or tensor exists."""
+    layout = resolve_layout(config.model, config.parallel, world_size)
+    seq_len = config.seq_len()
+    microbatches = microbatches_per_rank(
+        config.parallel,
+        dp=layout.dp,
+        global_batch_size=config.trainer.global_batch_size,
+        micro_batch_size=config.trainer.micro_batch_size,
+        seq_len=seq_len,
+    )
+    return ResolvedRun(layout=layout, seq_len=seq_len, microbatches=microbatches)

@@ -1,0 +1,274 @@
+"""The training-step engine: this rank's part of an OLMo under a TP x PP x DP layout, and the step on it.
+
+`ParallelOLMo` resolves the layout, builds the mesh and the stages
+(parallelize.py), and runs one global batch's share on this rank: through the
+pipeline schedule with PP, as plain gradient accumulation without. The loss is
+normalized by the target tokens of the whole global batch, so gradients, losses
+and evaluation equal one process's on every layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
+from megaolmo.data.labels import IGNORE_INDEX
+from megaolmo.model.fp8 import check_backend
+from megaolmo.model.parallelize import parallelize_olmo
+from megaolmo.parallel import tensor_parallel_layers
+from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaolmo.parallel.grad_norm import clip_grad_norm_
+from megaolmo.parallel.mesh import ParallelMesh
+from megaolmo.parallel.pipeline import build_schedule
+
+
+@dataclass
+class StepLosses:
+    """Mean cross entropy and z-loss per target token over the whole global batch (same on every rank)."""
+
+    ce: float
+    z: float
+    tokens: int
+
+
+class MicroBatchLosses:
+    """The loss function of the last stage: called on each micro-batch's logits, it keeps what a step reports.
+
+    The schedule calls it once per micro-batch; `begin` starts a step with the target tokens of the whole
+    global batch as the normalizer, after which `sums` holds [cross entropy, z-loss] summed over each
+    micro-batch and `rows` the summed cross entropy of each row.
+    """
+
+    def __init__(self, *, vocab_start: int, tp_group, ignore_index: int, z_loss_multiplier: float) -> None:
+        self.vocab_start, self.tp_group = vocab_start, tp_group
+        self.ignore_index, self.z_loss_multiplier = ignore_index, z_loss_multiplier
+        self.begin(normalizer=1)
+
+    def begin(self, normalizer: int) -> None:
+        self.normalizer = normalizer
+        self.sums: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with_z = self.z_loss_multiplier > 0
+        ce, log_z = vocab_parallel_cross_entropy(
+            logits, labels, self.vocab_start, self.tp_group, self.ignore_index, with_log_z=with_z
+        )
+        ce_sum = ce.sum()
+        z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier if with_z else 0 * ce_sum
+        self.sums.append(torch.stack([ce_sum.detach(), z_sum.detach()]))
+        self.rows.append(ce.detach().sum(-1))
+        return (ce_sum + z_sum) / self.normalizer
+
+    def total(self, device: torch.device) -> torch.Tensor:
+        """[cross entropy, z-loss] summed over this rank's micro-batches (zeros off the last stage)."""
+        return torch.stack(self.sums).sum(0) if self.sums else torch.zeros(2, device=device)
+
+    def row_sums(self, n_rows: int, device: torch.device) -> torch.Tensor:
+        """Summed cross entropy of each row (zeros off the last stage)."""
+        return torch.cat(self.rows) if self.rows else torch.zeros(n_rows, device=device)
+
+
+class ParallelOLMo:
+    """This rank's part of an OLMo under a TP x PP x DP layout, and the step that trains it."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        *,
+        seed: int = 0,
+        param_dtype: torch.dtype = torch.float32,
+        z_loss_multiplier: float = 0.0,
+        ignore_index: int = IGNORE_INDEX,
+        fp8: Fp8Config | None = None,
+    ) -> None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.layout = resolve_layout(model, parallel, world_size)
+        self.config, self.parallel = self.layout.model, parallel
+        self.mesh = ParallelMesh(parallel)
+        check_backend(self.config.linear, self.mesh.device)
+        amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
+        self.param_dtype, self.ignore_index = param_dtype, ignore_index
+        self.local_stages = parallelize_olmo(
+            self.layout, self.mesh, seed=seed, param_dtype=param_dtype, fp8=fp8 or Fp8Config(), amax_group=amax_group
+        )
+        self.stages = self.local_stages.modules  # this rank's stage modules, in pipeline order
+        self.tied_replica = self.local_stages.tied_replica(self.layout)
+        if self.config.weight_tying:
+            self.mesh.build_embedding_group()
+        self.losses = MicroBatchLosses(
+            vocab_start=self._vocab_start() if self.local_stages.last else 0,
+            tp_group=self.mesh.tp_group,
+            ignore_index=ignore_index,
+            z_loss_multiplier=z_loss_multiplier,
+        )
+        self._schedules: dict[tuple[int, int, int], object] = {}
+
+    @property
+    def high_precision_layers(self) -> list[str]:
+        """Block linears kept out of FP8 because their dims are not multiples of 16."""
+        return self.local_stages.high_precision_layers
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter this rank updates (for the optimizer)."""
+        return [p for stage in self.stages for p in stage.parameters()]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [item for stage in self.stages for item in stage.named_parameters()]
+
+    def _vocab_start(self) -> int:
+        """The first vocabulary row of this TP rank's slice of the output layer (on the last stage)."""
+        last = self.stages[-1]
+        layer = last.head if last.head is not None else last.wte
+        return layer.vocab_start if hasattr(layer, "vocab_start") else self.mesh.tp_rank * layer.weight.shape[0]
+
+    def _schedule(self, micro_batch_size: int, seq_len: int, n_microbatches: int):
+        key = (micro_batch_size, seq_len, n_microbatches)
+        if key not in self._schedules:
+            device, dtype = self.mesh.device, self.param_dtype
+            local_seq = seq_len // self.mesh.tp if self.parallel.sequence_parallel else seq_len
+            # requires_grad marks what carries gradients between stages (everything but the token ids).
+            hidden = torch.empty(local_seq, micro_batch_size, self.config.d_model, device=device, dtype=dtype)
+            hidden.requires_grad_()
+            ids = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=device)
+            vocab = self.config.padded_vocab_size // self.mesh.tp
+            logits = torch.empty(micro_batch_size, seq_len, vocab, device=device, dtype=dtype, requires_grad=True)
+            last = self.local_stages.count - 1
+            self._schedules[key] = build_schedule(
+                self.parallel.pp_schedule,
+                modules=self.stages,
+                stage_ids=self.local_stages.ids,
+                n_stages=self.local_stages.count,
+                device=device,
+                group=self.mesh.pp_group,
+                example_inputs=[ids if i == 0 else hidden for i in self.local_stages.ids],
+                example_outputs=[logits if i == last else hidden for i in self.local_stages.ids],
+                n_microbatches=n_microbatches,
+                loss_fn=self.losses,
+            )
+        return self._schedules[key]
+
+    def _pipeline_args(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[tuple, dict]:
+        """What this rank feeds the schedule: the token ids on the first stage, the targets on the last."""
+        args = (input_ids,) if self.local_stages.first else ()
+        return args, {"target": labels if self.local_stages.last else None}
+
+    def check_batch(self, input_ids: torch.Tensor, micro_batch_size: int) -> int:
+        """Number of micro-batches in this rank's share of the batch, after checking the shapes."""
+        batch, seq_len = input_ids.shape
+        return microbatches_in(self.parallel, batch, micro_batch_size, seq_len)
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> StepLosses:
+        """Forward and backward of this DP rank's share [B / dp, s] of the global batch; gradients accumulate."""
+        n_microbatches = self.check_batch(input_ids, micro_batch_size)
+        input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
+        tokens = (labels != self.ignore_index).sum()
+        if self.mesh.dp_group is not None:
+            dist.all_reduce(tokens, group=self.mesh.dp_group)
+        self.losses.begin(normalizer=max(int(tokens), 1))
+        if self.parallel.pp == 1:
+            self._accumulate(input_ids, labels, micro_batch_size)
+        else:
+            schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
+            args, kwargs = self._pipeline_args(input_ids, labels)
+            # return_outputs=False: the losses are all the step needs; keeping every micro-batch's logits
+            # for a return value would hold m x [b, s, V / tp] on the last stage.
+            schedule.step(*args, **kwargs, return_outputs=False)
+            self._sum_tied_gradients()
+        sums = self.losses.total(self.mesh.device)
+        for group in (self.mesh.pp_group, self.mesh.dp_group):
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+        ce, z = (sums / self.losses.normalizer).tolist()
+        return StepLosses(ce=ce, z=z, tokens=self.losses.normalizer)
+
+    @torch.no_grad()
+    def row_losses(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+        """Summed cross entropy of each row of this DP rank's share [B / dp, s] (CPU, on every rank of the
+        share's TP x PP group). Forward only."""
+        n_microbatches = self.check_batch(input_ids, micro_batch_size)
+        input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
+        self.losses.begin(normalizer=1)
+        if self.parallel.pp == 1:
+            (stage,) = self.stages
+            for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
+                with self._autocast():
+                    self.losses(stage(ids), target)
+        else:
+            schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
+            args, kwargs = self._pipeline_args(input_ids, labels)
+            schedule.eval(*args, **kwargs)
+        rows = self.losses.row_sums(len(input_ids), self.mesh.device)
+        if self.mesh.pp_group is not None:
+            dist.all_reduce(rows, group=self.mesh.pp_group)  # only the last stage computed them
+        return rows.cpu()
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> tuple[float, int]:
+        """Summed cross entropy and target-token count of this DP rank's share, summed over DP. Forward only."""
+        sums = torch.stack(
+            [self.row_losses(input_ids, labels, micro_batch_size).sum(), (labels != self.ignore_index).sum()]
+        )
+        sums = sums.to(self.mesh.device, torch.float64)
+        if self.mesh.dp_group is not None:
+            dist.all_reduce(sums, group=self.mesh.dp_group)
+        return sums[0].item(), int(sums[1].item())
+
+    def _autocast(self):
+        """Mixed precision for a single process (FSDP's policy does it when sharded)."""
+        enabled = self.mesh.dp_mesh is None and self.param_dtype != torch.float32
+        return torch.autocast(self.mesh.device.type, dtype=self.param_dtype, enabled=enabled)
+
+    def _accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> None:
+        (stage,) = self.stages
+        chunks = list(zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)))
+        for i, (ids, target) in enumerate(chunks):
+            if self.mesh.dp_mesh is not None:
+                stage.set_requires_gradient_sync(i == len(chunks) - 1)  # reduce-scatter once, after the last
+            with self._autocast():
+                loss = self.losses(stage(ids), target)
+            loss.backward()
+
+    def _sum_tied_gradients(self) -> None:
+        """A tied embedding lives on the first and last stage: both copies take the sum of their gradients."""
+        if not self.config.weight_tying or self.mesh.embedding_group is None:
+            return
+        owner = self.tied_replica if self.tied_replica is not None else self.stages[0].wte.weight
+        grad = owner.grad.to_local() if isinstance(owner.grad, DTensor) else owner.grad
+        dist.all_reduce(grad, group=self.mesh.embedding_group)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """Clip by the global gradient norm over TP, PP and DP (each parameter counted once)."""
+        counted = [p for p in self.parameters() if p is not self.tied_replica]
+        replicas = [self.tied_replica] if self.tied_replica is not None else []
+        return clip_grad_norm_(counted, max_norm, replicas).item()
+
+    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's unsharded state_dict on global rank 0 (None elsewhere). Collective."""
+        state = self.full_tensors()
+        if not dist.is_initialized():
+            return state
+        representative = self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(state if representative else {}, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        return {name: tensor for part in gathered for name, tensor in part.items()}
+
+    @torch.no_grad()
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Unsharded (over TP and DP) parameters or gradients of this rank's stages, by name. Collective."""
+        out = {}
+        for stage in self.stages:
+            owners = tensor_parallel_layers(stage)
+            for name, param in stage.named_parameters():
+                tensor = param.grad if grads else param
+                if isinstance(tensor, DTensor):
+                    tensor = tensor.full_tensor()
+                out[name] = owners[name].gather_full(tensor.detach()).to("cpu", copy=True)
+        return out

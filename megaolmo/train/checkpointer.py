@@ -1,0 +1,86 @@
+"""A run's checkpoints: where they go, when they are due, which ones it keeps, and resuming from them.
+
+Built once per run from `trainer.*`: sharded checkpoints every `save_interval`
+steps and at `stop_at` under <run_dir>/checkpoints/, retention by `keep_last`
+and `keep_every`, the resume point by `resume` (auto, none or a path), and the
+final consolidated weights in <run_dir>/final/. A periodic save that fails (a
+full disk, a quota) warns and training goes on; the save a leg ends on must
+succeed, or the run stops with the error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaolmo.checkpoint import restore_sharded, save_consolidated, save_sharded
+from megaolmo.checkpoint.sharded import checkpoint_name, find_resume_point, remove_incomplete
+from megaolmo.config import TrainerConfig
+from megaolmo.data import GlobalBatches
+from megaolmo.errors import CheckpointError
+from megaolmo.model.engine import ParallelOLMo
+from megaolmo.parallel.launch import is_rank_zero
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue: model, AdamW state, the data position."""
+
+    def __init__(self, run_dir: Path, trainer: TrainerConfig) -> None:
+        self.directory = run_dir / "checkpoints"
+        self.final = run_dir / "final"
+        self.trainer = trainer
+
+    def path(self, step: int) -> Path:
+        return self.directory / checkpoint_name(step)
+
+    def due(self, step: int) -> bool:
+        """Whether the checkpoint after `step` optimizer steps is one the config asks for."""
+        interval = self.trainer.save_interval
+        return bool(interval and step % interval == 0) or step == self.trainer.stop_at
+
+    def resume(self, model: ParallelOLMo, optimizer: torch.optim.Optimizer, batches: GlobalBatches) -> int:
+        """Restore model, optimizer and data position per trainer.resume; returns the step to continue from."""
+        if is_rank_zero():
+            remove_incomplete(self.directory)
+        choice = self.trainer.resume
+        if choice == "none":
+            return 0
+        path = find_resume_point(self.directory) if choice == "auto" else Path(choice)
+        if path is None:
+            return 0
+        state = restore_sharded(path, model, optimizer)
+        batches.load_state_dict(state["data"])
+        if is_rank_zero():
+            print(f"resumed from {path} at step {state['step']}")
+        return state["step"]
+
+    def save(
+        self, step: int, model: ParallelOLMo, optimizer: torch.optim.Optimizer, batches: GlobalBatches, *, required: bool
+    ) -> None:
+        """A sharded checkpoint after `step` steps (collective); a failure raises only when `required`."""
+        try:
+            save_sharded(
+                self.directory,
+                step,
+                model=model,
+                optimizer=optimizer,
+                trainer_state={"step": step, "data": batches.state_dict()},
+                keep_last=self.trainer.keep_last,
+                keep_every=self.trainer.keep_every,
+            )
+        except CheckpointError as err:
+            if required:
+                raise
+            if is_rank_zero():
+                print(f"warning: {err}; training goes on", file=sys.stderr)
+
+    def save_final(self, model: ParallelOLMo) -> None:
+        """The consolidated weights of the finished run (megaolmo.load reads them), gathered from every stage."""
+        state = model.consolidated_state()
+        if state is not None:
+            save_consolidated(self.final, model.config, state, overwrite=True)
+        if dist.is_initialized():
+            dist.barrier()
