@@ -22,6 +22,7 @@ def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int
     """The model config as megaolmo runs it on this layout (embedding padded for TP)."""
     return resolve_layout(model, parallel, world_size).model
 
+
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
 MODELS = {
     # vocab 1030 is not divisible by tp: the embedding pads to a multiple of 128 x tp.

@@ -171,7 +171,9 @@ def test_perplexity_matches_transformers(setup: dict) -> None:
     docs = [{"id": name, "text": text, "source": "s"} for name, text in TEXTS.items()]
     assert len(doc_tokens(tokenizer, TEXTS["long"])) > 3 * CONTEXT  # the long one needs windows at 64 too
     for max_length, stride in ((64, 32), (64, 64), (16, 5)):
-        results = score_documents(setup["model"], tokenizer, docs, max_length, stride, per_document=True)
+        results = score_documents(
+            setup["model"], tokenizer, docs, max_length=max_length, stride=stride, per_document=True
+        )
         assert [r["id"] for r in results["documents"]] == list(TEXTS)
         for record, doc in zip(results["documents"], docs):
             tokens = doc_tokens(tokenizer, doc["text"])
@@ -191,7 +193,7 @@ def test_window_scoring_equals_one_pass_when_the_document_fits(setup: dict) -> N
         assert len(tokens) - 1 <= CONTEXT
         one_pass = -hf_logprob(setup["hf"], tokens, len(tokens) - 1)
         for max_length, stride in ((CONTEXT, 32), (CONTEXT, 1), (CONTEXT, CONTEXT), (len(tokens) - 1, 3)):
-            result = score_documents(setup["model"], tokenizer, [doc], max_length, stride)
+            result = score_documents(setup["model"], tokenizer, [doc], max_length=max_length, stride=stride)
             assert result["overall"]["nll"] == pytest.approx(one_pass, abs=ATOL)
 
 

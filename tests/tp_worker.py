@@ -160,7 +160,7 @@ def megatron_parity() -> dict[str, float]:
     logits = torch.randn(SEQ, BATCH, vocab // 2)
     compare(
         "cross_entropy",
-        lambda t: vocab_parallel_cross_entropy(t, ids, rank * vocab // 2, dist.group.WORLD)[0],
+        lambda t: vocab_parallel_cross_entropy(t, ids, rank * vocab // 2, group=dist.group.WORLD)[0],
         lambda t: tensor_parallel.vocab_parallel_cross_entropy(t, ids),
         [],
         [],

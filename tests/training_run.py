@@ -34,8 +34,12 @@ def prepare_dataset(root: Path) -> dict[str, Path]:
     write_dolma(root / "web.jsonl.gz", "web", 300, 0)
     write_dolma(root / "code.jsonl.gz", "code", 100, 1)
     write_dolma(root / "valid_web.jsonl.gz", "web", 30, 2)
-    prepare([root / "web.jsonl.gz", root / "code.jsonl.gz"], root / "train", train_tokenizer_vocab=VOCAB, progress=False)
-    prepare([root / "valid_web.jsonl.gz"], root / "valid", tokenizer_path=root / "train" / "tokenizer.json", progress=False)
+    prepare(
+        [root / "web.jsonl.gz", root / "code.jsonl.gz"], root / "train", train_tokenizer_vocab=VOCAB, progress=False
+    )
+    prepare(
+        [root / "valid_web.jsonl.gz"], root / "valid", tokenizer_path=root / "train" / "tokenizer.json", progress=False
+    )
     write_task(root / "tasks" / "synthetic.jsonl", 12)
     return {
         "train": root / "train",

@@ -179,14 +179,14 @@ def save_sharded(
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "on another rank"
         raise CheckpointError(f"saving checkpoint {final.name} failed ({reason}); the previous one is untouched")
     if _rank() == 0:
-        _commit(tmp, final, gathered, trainer_state, model.config)
+        _commit(tmp, final, gathered=gathered, trainer_state=trainer_state, config=model.config)
         _update_latest(directory, final.name)
         _apply_retention(directory, keep_last, keep_every)
     _barrier()
     return final
 
 
-def _commit(tmp: Path, final: Path, gathered: list[dict], trainer_state: dict, config: ModelConfig) -> None:
+def _commit(tmp: Path, final: Path, *, gathered: list[dict], trainer_state: dict, config: ModelConfig) -> None:
     files = {name: digest for part in gathered for name, digest in part.items()}
     files[".metadata"] = _file_digest(tmp / ".metadata")
     state = {"format": SHARDED_FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(), **trainer_state}

@@ -133,7 +133,9 @@ def _build(root: Path, vocab_size: int, progress: bool) -> dict:
         "seconds": round(time.perf_counter() - start, 2)
     }
     start = time.perf_counter()
-    meta = prepare([documents / "valid"], root / "valid", tokenizer_path=root / "train" / TOKENIZER_FILE, progress=progress)
+    meta = prepare(
+        [documents / "valid"], root / "valid", tokenizer_path=root / "train" / TOKENIZER_FILE, progress=progress
+    )
     summary["valid"] = {k: meta[k] for k in ("tokens", "documents", "bytes")} | {
         "seconds": round(time.perf_counter() - start, 2),
         "sources": meta["sources"],

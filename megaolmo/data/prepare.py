@@ -220,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        meta = prepare(args.inputs, args.out, tokenizer_path=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
-                       workers=args.workers, progress=not args.no_progress)
+        meta = prepare(
+            args.inputs,
+            args.out,
+            tokenizer_path=args.tokenizer,
+            train_tokenizer_vocab=args.train_tokenizer,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     except MegaolmoError as err:
         return report(err)
     print(

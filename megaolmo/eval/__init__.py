@@ -5,7 +5,7 @@
 
 From Python (the training loop, a notebook), with any `model(ids) -> logits`:
 
-    score_documents(model, tokenizer, documents, max_length, stride, device)  per-group loss / perplexity / bpb
+    score_documents(model, tokenizer, documents, max_length=, stride=, device=)  per-group loss / perplexity / bpb
     evaluate_tasks(model, tokenizer, load_tasks(paths), normalization=None)   accuracy per task and the average
 """
 

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common = {"device": device, "batch_size": args.batch_size, "progress": not args.no_progress}
     if files is not None:
         options = {**common, "per_document": args.per_document}
-        results = score_documents(model, tokenizer, iter_documents(files), args.max_length, args.stride, **options)
+        results = score_documents(
+            model, tokenizer, iter_documents(files), max_length=args.max_length, stride=args.stride, **options
+        )
         if results["overall"]["documents"] == 0:
             raise EvalError(f"no documents in {', '.join(map(str, files))}")
         table = perplexity_table(results)

@@ -90,6 +90,7 @@ def score_examples(
     model: Model,
     tokenizer: Any,
     examples: Sequence[Example],
+    *,
     unconditional_prompt: str = UNCONDITIONAL_PROMPT,
     max_length: int = 2048,
     device: torch.device | str = "cpu",
@@ -120,7 +121,9 @@ def score_examples(
         plans.append((index, plan))
     show = progress and rank_and_world()[0] == 0
     if scorer is None:
-        logprobs = score_rows(model, list(rows), device, batch_size, encoder.eos, show, desc)
+        logprobs = score_rows(
+            model, list(rows), device=device, batch_size=batch_size, pad_id=encoder.eos, progress=show, desc=desc
+        )
     else:
         logprobs = scorer(list(rows))
     mine = []
@@ -140,6 +143,7 @@ def evaluate_tasks(
     model: Model,
     tokenizer: Any,
     tasks: Sequence[Task],
+    *,
     normalization: str | None = None,
     unconditional_prompt: str = UNCONDITIONAL_PROMPT,
     max_length: int | None = None,
@@ -169,13 +173,13 @@ def evaluate_tasks(
             model,
             tokenizer,
             task.examples,
-            unconditional_prompt,
-            max_length,
-            device,
-            batch_size,
-            progress,
-            task.name,
-            scorer,
+            unconditional_prompt=unconditional_prompt,
+            max_length=max_length,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+            desc=task.name,
+            scorer=scorer,
         )
         chosen = normalization or task.normalization
         by_normalization = {

@@ -86,7 +86,9 @@ def parallel_scorer(model: ParallelOLMo, micro_batch_size: int, pad_id: int):
             inputs[b, :n] = torch.tensor(row.tokens[:-1])
             labels[b, n - row.n_scored : n] = torch.tensor(row.tokens[-row.n_scored :])
         scores: list[float] = []
-        chunks = dp_chunks(model, len(rows), lambda start, stop: (inputs[start:stop], labels[start:stop]), micro_batch_size)
+        chunks = dp_chunks(
+            model, len(rows), lambda start, stop: (inputs[start:stop], labels[start:stop]), micro_batch_size
+        )
         for ids, targets, real in chunks:
             losses = model.row_losses(ids, targets, micro_batch_size)
             if model.mesh.dp_group is not None:

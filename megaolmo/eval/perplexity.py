@@ -114,7 +114,7 @@ class Totals:
         }
 
 
-def _score_chunk(model: Model, tokenizer: Any, docs: list[dict], max_length: int, stride: int, **kwargs) -> list:
+def _score_chunk(model: Model, tokenizer: Any, docs: list[dict], *, max_length: int, stride: int, **kwargs) -> list:
     """(predicted tokens, nll) per document of one chunk."""
     eos = eos_id(tokenizer)
     with special_tokens_as_text(tokenizer):
@@ -135,6 +135,7 @@ def score_documents(
     model: Model,
     tokenizer: Any,
     documents: Iterable[dict],
+    *,
     max_length: int | None = None,
     stride: int | None = None,
     device: torch.device | str = "cpu",
@@ -161,7 +162,9 @@ def score_documents(
         share = [i for i in range(len(chunk)) if (index + i) % world == rank]
         if share:
             docs = [chunk[i] for i in share]
-            scores = _score_chunk(model, tokenizer, docs, max_length, stride, device=device, batch_size=batch_size)
+            scores = _score_chunk(
+                model, tokenizer, docs, max_length=max_length, stride=stride, device=device, batch_size=batch_size
+            )
             for i, doc, (tokens, nll) in zip(share, docs, scores):
                 record = {"id": doc.get("id"), "group": group_name(doc), "tokens": tokens, "bytes": n_bytes[i]}
                 mine.append((index + i, {**record, "nll": nll}))

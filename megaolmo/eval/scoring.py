@@ -39,6 +39,7 @@ class Row:
 def score_rows(
     model: Model,
     rows: Sequence[Row],
+    *,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     pad_id: int = 0,

@@ -57,7 +57,7 @@ class MicroBatchLosses:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with_z = self.z_loss_multiplier > 0
         ce, log_z = vocab_parallel_cross_entropy(
-            logits, labels, self.vocab_start, self.tp_group, self.ignore_index, with_log_z=with_z
+            logits, labels, self.vocab_start, group=self.tp_group, ignore_index=self.ignore_index, with_log_z=with_z
         )
         ce_sum = ce.sum()
         z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier if with_z else 0 * ce_sum

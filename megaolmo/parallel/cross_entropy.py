@@ -55,6 +55,7 @@ def vocab_parallel_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     vocab_start: int = 0,
+    *,
     group: ProcessGroup | None = None,
     ignore_index: int = -100,
     with_log_z: bool = True,

@@ -58,7 +58,13 @@ class Checkpointer:
         return state["step"]
 
     def save(
-        self, step: int, model: ParallelOLMo, optimizer: torch.optim.Optimizer, batches: GlobalBatches, *, required: bool
+        self,
+        step: int,
+        model: ParallelOLMo,
+        optimizer: torch.optim.Optimizer,
+        batches: GlobalBatches,
+        *,
+        required: bool,
     ) -> None:
         """A sharded checkpoint after `step` steps (collective); a failure raises only when `required`."""
         try:
