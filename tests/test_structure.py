@@ -156,7 +156,9 @@ def test_wheel_installs_everything_and_runs_without_the_checkout(tmp_path: Path)
     assert "from-hf" in run("-m", "megaolmo.convert", "--help")
 
 
-@pytest.mark.parametrize("module", ["megaolmo.train", "megaolmo.eval", "megaolmo.plan", "megaolmo.convert"])
+@pytest.mark.parametrize(
+    "module", ["megaolmo.train", "megaolmo.eval", "megaolmo.plan", "megaolmo.convert", "megaolmo.bench"]
+)
 def test_entry_points_report_bad_input_in_one_line(module: str, tmp_path: Path) -> None:
     """Every entry point turns a MegaolmoError into one `error:` line and exit code 2."""
     args = {
@@ -164,6 +166,7 @@ def test_entry_points_report_bad_input_in_one_line(module: str, tmp_path: Path) 
         "megaolmo.eval": ["perplexity", str(tmp_path / "missing"), str(tmp_path), "--tokenizer", "none.json"],
         "megaolmo.plan": ["parallel.tp=3"],
         "megaolmo.convert": ["consolidate", str(tmp_path / "missing"), str(tmp_path / "out")],
+        "megaolmo.bench": ["step", "--model", "no_such_preset"],
     }[module]
     command = [sys.executable, "-m", module, *args]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from megaolmo.errors import MegaolmoError, report
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megaolmo.bench")
@@ -24,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None and not args.out.endswith((".csv", ".json")):
         parser.error(f"--out {args.out}: use a .csv or .json file name")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MegaolmoError as err:  # e.g. --model naming no preset, a layout the ranks do not fit
+        return report(err)
 
 
 def _kernels_module():
