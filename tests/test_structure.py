@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -126,8 +127,10 @@ def test_importing_megaolmo_leaves_triton_alone() -> None:
 
 def test_wheel_installs_everything_and_runs_without_the_checkout(tmp_path: Path) -> None:
     """`pip install .` (no -e) into a fresh environment: the entry points run from a directory with no checkout."""
-    wheels = tmp_path / "wheels"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, ROOT]
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    # From a copy: setuptools builds in <source>/build, whose leftovers would otherwise leak into later wheels.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "*.egg-info", "__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, source]
     subprocess.run(build, check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = wheels.glob("megaolmo-*.whl")
     fresh = tmp_path / "env"

@@ -50,7 +50,7 @@ class Workload:
 
     @property
     def model_flops_per_step(self) -> float:
-        """Model FLOPs of one optimizer step, counted as megaolmo.metrics counts them for MFU."""
+        """Model FLOPs of one optimizer step, counted as megaolmo.model.flops counts them for MFU."""
         return flops_per_token(self.model, self.seq_len) * self.tokens_per_step
 
 
@@ -165,7 +165,7 @@ class Placement:
     @property
     def fsdp(self) -> bool:
         """Whether FSDP2 wraps the stages: in every multi-rank run, also over a DP mesh of one rank
-        (parallelize.py shards whenever a device mesh exists); one process trains under autocast instead."""
+        (megaolmo.model.parallelize shards whenever a device mesh exists); one process trains under autocast instead."""
         return self.layout.world_size > 1
 
     @property

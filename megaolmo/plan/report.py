@@ -152,7 +152,7 @@ def _time(plan: Plan) -> list[str]:
         f"  optimizer step + clipping     {step.optimizer:9.3f} s",
         f"  step                          {step.seconds:9.3f} s  ({tokens / step.seconds:,.0f} tokens/s)",
         (
-            f"  MFU {step.mfu:.1%} (megaolmo.metrics.flops_per_token: {placement.work.model_flops_per_step:.3e} "
+            f"  MFU {step.mfu:.1%} (megaolmo.model.flops.flops_per_token: {placement.work.model_flops_per_step:.3e} "
             f"FLOPs per step over {layout.world_size} x {plan.hardware.peak_flops / 1e12:.4g} TFLOP/s)"
         ),
     ]
