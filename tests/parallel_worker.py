@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from gloo_groups import run_each_on_its_group
+from helpers import small_model
 
 from megaolmo.config import ModelConfig, ParallelConfig, resolve_layout
 from megaolmo.model.engine import ParallelOLMo
@@ -26,18 +27,14 @@ def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
 MODELS = {
     # vocab 1030 is not divisible by tp: the embedding pads to a multiple of 128 x tp.
-    "tied": ModelConfig(
-        d_model=64, n_layers=4, n_heads=4, ffn_hidden_size=96, vocab_size=1030, max_sequence_length=SEQ_LEN,
-        weight_tying=True, kernels="torch",
-    ),
-    "untied_gqa": ModelConfig(
-        d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_size=96, vocab_size=1030,
-        max_sequence_length=SEQ_LEN, weight_tying=False, clip_qkv=0.5, kernels="torch",
+    "tied": small_model(n_layers=4, vocab_size=1030, max_sequence_length=SEQ_LEN, weight_tying=True, kernels="torch"),
+    "untied_gqa": small_model(
+        n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1030, max_sequence_length=SEQ_LEN,
+        weight_tying=False, clip_qkv=0.5, kernels="torch",
     ),
     # torchao FP8 GEMMs; under TP each rank scales its own shard, so results match one process only approximately.
-    "fp8": ModelConfig(
-        d_model=64, n_layers=4, n_heads=4, ffn_hidden_size=96, vocab_size=1030, max_sequence_length=SEQ_LEN,
-        weight_tying=True, kernels="torch", linear="torchao",
+    "fp8": small_model(
+        n_layers=4, vocab_size=1030, max_sequence_length=SEQ_LEN, weight_tying=True, kernels="torch", linear="torchao"
     ),
 }  # fmt: skip
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_ok
 from training_run import TINY, data_args, losses, train, train_command
 
 import megaolmo
@@ -36,18 +37,18 @@ def straight(dataset, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     """Losses of a run of 6 steps in one go (single process)."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     result = run(dataset, run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     return losses(run_dir)
 
 
 def test_stop_at_and_resume_are_bitwise_exact(dataset, straight: list[float], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = run(dataset, run_dir, "trainer.stop_at=3")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert_ok(first)
     assert (checkpoints(run_dir) / "latest").read_text().strip() == "step000003"
     assert not (run_dir / "final").exists()  # the run is not over
     second = run(dataset, run_dir)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert_ok(second)
     assert "resumed from" in second.stdout
     assert losses(run_dir) == straight  # bitwise: fp32 on CPU, same layout
 
@@ -62,7 +63,7 @@ def test_resume_on_other_layouts(dataset, straight: list[float], tmp_path: Path)
     ]
     for args, ranks in legs:
         result = run(dataset, run_dir, *args, ranks=ranks)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert_ok(result)
     got = losses(run_dir)
     assert len(got) == len(straight)
     for a, b in zip(got, straight):
@@ -72,14 +73,14 @@ def test_resume_on_other_layouts(dataset, straight: list[float], tmp_path: Path)
 def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run(dataset, run_dir, "parallel=tp2_pp2_dp2", "trainer.stop_at=2", ranks=8)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     checkpoint = checkpoints(run_dir) / "step000002"
     out = tmp_path / "consolidated"
     convert = subprocess.run(
         [sys.executable, "-m", "megaolmo.convert", "consolidate", str(checkpoint), str(out)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert convert.returncode == 0, convert.stderr
+    assert_ok(convert)
     sharded, consolidated = megaolmo.load(checkpoint), megaolmo.load(out)
     for (name, a), b in zip(sharded.state_dict().items(), consolidated.state_dict().values()):
         assert torch.equal(a, b), name
@@ -87,7 +88,7 @@ def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> N
         [sys.executable, "-m", "megaolmo.convert", "to-hf", str(checkpoint), str(tmp_path / "hf")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert hf.returncode == 0, hf.stderr
+    assert_ok(hf)
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: 
     latest = (checkpoints(run_dir) / "latest").read_text().strip()
     assert (checkpoints(run_dir) / latest / MANIFEST_FILE).is_file()
     resumed = train([*TINY, *data_args(dataset), "trainer.eval_interval=0", *bigger[:3]], run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_ok(resumed)
     assert f"resumed from {checkpoints(run_dir) / latest}" in resumed.stdout
     assert not list(checkpoints(run_dir).glob(".step*.tmp"))
 
@@ -117,7 +118,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
 def test_damaged_checkpoint_is_refused_in_one_line(dataset, tmp_path: Path, damage: str) -> None:
     run_dir = tmp_path / "run"
-    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    assert_ok(run(dataset, run_dir, "trainer.stop_at=2"))
     shard = next((checkpoints(run_dir) / "step000002").glob("__0_*.distcp"))
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-100])
@@ -136,7 +137,7 @@ def test_damaged_checkpoint_is_refused_in_one_line(dataset, tmp_path: Path, dama
 
 def test_checkpoint_of_another_model_is_refused(dataset, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    assert_ok(run(dataset, run_dir, "trainer.stop_at=2"))
     result = run(dataset, run_dir, "model.n_layers=2")
     assert result.returncode == 2
     assert "was saved from a different model: n_layers=4 (now 2)" in result.stderr
@@ -152,7 +153,7 @@ def _disk_quota(limit_bytes: int):
 
 def test_full_disk_fails_the_save_and_keeps_everything(dataset, straight: list[float], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert run(dataset, run_dir, "trainer.stop_at=2").returncode == 0
+    assert_ok(run(dataset, run_dir, "trainer.stop_at=2"))
     before = {p.name: p.read_bytes() for p in (checkpoints(run_dir) / "step000002").iterdir()}
     command = train_command(
         [*TINY, *STEPS, *data_args(dataset), "trainer.stop_at=4", "trainer.tensorboard=false"], run_dir
@@ -167,14 +168,14 @@ def test_full_disk_fails_the_save_and_keeps_everything(dataset, straight: list[f
     assert {p.name: p.read_bytes() for p in (checkpoints(run_dir) / "step000002").iterdir()} == before
     assert not list(checkpoints(run_dir).glob(".step*"))
     again = run(dataset, run_dir)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert_ok(again)
     assert losses(run_dir) == straight
 
 
 def test_retention_keeps_the_last_k_and_every_mth(dataset, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run(dataset, run_dir, "trainer.save_interval=1", "trainer.keep_last=2", "trainer.keep_every=3")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     kept = sorted(p.name for p in checkpoints(run_dir).iterdir() if p.is_dir())
     assert kept == ["step000003", "step000005", "step000006"]
     state = json.loads((checkpoints(run_dir) / "step000006" / "trainer_state.json").read_text())
@@ -200,8 +201,8 @@ def test_sigterm_saves_after_the_step_in_flight_and_resumes_exactly(dataset, tmp
     assert f"stop signal (SIGTERM) after step {stopped_at}" in stderr
     assert (checkpoints(run_dir) / "latest").read_text().strip() == f"step{stopped_at:06d}"
     resumed = train([*TINY, *data_args(dataset), *long], run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_ok(resumed)
     straight_dir = tmp_path / "straight"
     straight = train([*TINY, *data_args(dataset), *long], straight_dir)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_ok(straight)
     assert losses(run_dir) == losses(straight_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_model
 
 from megaolmo import ConfigError, ModelConfig, build_model
 from megaolmo.config import model_presets
@@ -82,7 +83,7 @@ def test_unknown_keys_from_a_checkpoint_are_refused() -> None:
 
 def test_flash_attention_without_flash_attn_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # as on a machine without flash-attn
-    model = build_model(ModelConfig(d_model=64, n_layers=1, n_heads=4, ffn_hidden_size=64, attention="flash"))
+    model = build_model(small_model(n_layers=1, ffn_hidden_size=64, vocab_size=4096, attention="flash"))
     with pytest.raises(ConfigError, match="model.attention=flash needs flash-attn"):
         model(torch.zeros(1, 4, dtype=torch.long))
 

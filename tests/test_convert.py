@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import assert_ok
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -306,7 +307,7 @@ def test_load_matches_hf_logits(hf_case: HFCase):
 def test_cli_from_hf_in_a_fresh_interpreter(sources: dict[str, Path], tmp_path: Path):
     src, dst = sources["hf_sharded"], tmp_path / "ckpt"
     result = run_cli("from-hf", src, dst)
-    assert result.returncode == 0, result.stderr
+    assert_ok(result)
     assert result.stdout.strip() == f"wrote {dst}"
     assert result.stderr == ""
     assert convert.main(["from-hf", str(src), str(tmp_path / "in-process")]) == 0

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 from data_fixtures import small_tokenizer, write_dolma
+from helpers import assert_ok, small_model
 
 import megaolmo
 from megaolmo.checkpoint import save_consolidated
@@ -49,9 +50,7 @@ TEXTS = {
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     tokenizer_path = small_tokenizer(root / "tokenizer.json", vocab_size=300)
-    config = megaolmo.ModelConfig(
-        d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=300, max_sequence_length=CONTEXT
-    )
+    config = small_model(ffn_hidden_size=128, vocab_size=300, max_sequence_length=CONTEXT)
     model = megaolmo.build_model(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights large enough that log-probabilities differ by far more than the tolerance
@@ -347,7 +346,7 @@ def test_torchrun_data_parallel_equals_one_process(setup: dict) -> None:
         out = root / f"dp-{name}.json"
         command = [*torchrun, *map(str, args), "--tokenizer", str(tok), "--out", str(out), "--no-progress"]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert_ok(result, tail=2000)
         written = json.loads(out.read_text())
         assert written["world_size"] == 2
         if name == "ppl":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,8 +140,8 @@ def test_layer_norm_shares_its_saved_output_with_the_next_linear() -> None:
 def test_tiny_model_same_loss_and_gradients_with_triton_and_torch() -> None:
     torch.manual_seed(0)
     config = ModelConfig(d_model=96, n_layers=2, n_heads=3, n_kv_heads=1, ffn_hidden_size=200, vocab_size=500)
-    torch_model = build_model(ModelConfig(**{**config.to_dict(), "kernels": "torch"}), device=DEVICE)
-    triton_model = build_model(ModelConfig(**{**config.to_dict(), "kernels": "triton"}), device=DEVICE)
+    torch_model = build_model(dataclasses.replace(config, kernels="torch"), device=DEVICE)
+    triton_model = build_model(dataclasses.replace(config, kernels="triton"), device=DEVICE)
     triton_model.load_state_dict(torch_model.state_dict())
     input_ids = torch.randint(0, 500, (2, 19), device=DEVICE)
     losses = []

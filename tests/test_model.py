@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import small_model
 
 from megaolmo import ModelConfig, build_model
 from megaolmo.convert.hf import config_to_hf, state_to_hf
 
 CONFIGS = {
-    "tied": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, weight_tying=True),
-    "untied": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, weight_tying=False),
-    "gqa": ModelConfig(d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden_size=96, vocab_size=256),
+    "tied": small_model(ffn_hidden_size=128, weight_tying=True),
+    "untied": small_model(ffn_hidden_size=128, weight_tying=False),
+    "gqa": small_model(n_heads=8, n_kv_heads=2),
     # A clamp at 0.05 cuts most of the q/k/v entries of this init (std ~0.6): the clip really bites.
-    "clip_qkv": ModelConfig(d_model=64, n_layers=2, n_heads=4, ffn_hidden_size=128, vocab_size=256, clip_qkv=0.05),
+    "clip_qkv": small_model(ffn_hidden_size=128, clip_qkv=0.05),
     # hidden 96 (3 heads of 32), SwiGLU width 200, vocab 1000 padded to 1024.
-    "odd_sizes": ModelConfig(
+    "odd_sizes": small_model(
         d_model=96, n_layers=3, n_heads=3, ffn_hidden_size=200, vocab_size=1000, weight_tying=False
     ),
 }
@@ -38,7 +41,7 @@ def hf_twin(model) -> transformers.OlmoForCausalLM:
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[name]
-    config = ModelConfig(**{**config.to_dict(), "max_sequence_length": MAX_SEQ})
+    config = dataclasses.replace(config, max_sequence_length=MAX_SEQ)
     return build_model(config)
 
 
@@ -62,7 +65,7 @@ def test_logits_match_transformers(name: str, seq_len: int) -> None:
 def test_clip_qkv_changes_the_output() -> None:
     """Guards the clip_qkv case above against a clamp too loose to matter."""
     model = build("clip_qkv").eval()
-    unclipped = build_model(ModelConfig(**{**model.config.to_dict(), "clip_qkv": None}))
+    unclipped = build_model(dataclasses.replace(model.config, clip_qkv=None))
     unclipped.load_state_dict(model.state_dict())
     input_ids = torch.randint(0, 256, (1, MAX_SEQ))
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def test_flash_attention_matches_sdpa() -> None:
     pytest.importorskip("flash_attn")
     torch.manual_seed(0)
     sdpa = build_model(CONFIG, device="cuda").to(torch.bfloat16).eval()
-    flash = build_model(ModelConfig(**{**CONFIG.to_dict(), "attention": "flash"}), device="cuda").to(torch.bfloat16)
+    flash = build_model(dataclasses.replace(CONFIG, attention="flash"), device="cuda").to(torch.bfloat16)
     flash.load_state_dict(sdpa.state_dict())
     flash.eval()
     input_ids = torch.randint(0, 1000, (2, 128), device="cuda")

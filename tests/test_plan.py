@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import small_model
 from plan_worker import GLOBAL_BATCH, MICRO_BATCH, MODEL, SEQ_LEN, Run, measure_runs, profiled_peak, train_two_steps
 
-from megaolmo.config import ConfigError, ModelConfig
+from megaolmo.config import ConfigError
 from megaolmo.plan import Plan, make_plan
 from megaolmo.plan.__main__ import main
 from megaolmo.plan.comm import pp_bytes_per_microbatch, tp_bytes_per_microbatch, traffic
@@ -87,7 +88,7 @@ def test_memory_plan_matches_cuda_peak(run: Run) -> None:
 def test_block_activations_follow_the_code_not_megatrons_34() -> None:
     """bf16, TP2 + SP, Triton kernels (tests/tp_worker.py measures 30.9 s b h / tp for this block): LayerNorm
     outputs 4 and rstd, q k v 6, attention output 2 and logsumexp, its [s, b, h] copy 2, SwiGLU 3F x 2."""
-    model = ModelConfig(d_model=64, n_layers=1, n_heads=4, ffn_hidden_size=176, vocab_size=256, kernels="triton")
+    model = small_model(n_layers=1, ffn_hidden_size=176, kernels="triton")
     work = Workload(model, 32, 4, True, "cpu", "triton", False, False)
     placement = Placement(work, Layout(tp=2, dp=1, micro_batch_size=2, sequence_parallel=True))
     sbh_over_tp = 32 * 2 * 64 / 2
@@ -97,7 +98,7 @@ def test_block_activations_follow_the_code_not_megatrons_34() -> None:
 
 
 def test_pipeline_bubble_and_microbatches_in_flight() -> None:
-    model = ModelConfig(d_model=64, n_layers=8, n_heads=4, ffn_hidden_size=96, vocab_size=256)
+    model = small_model(n_layers=8)
     work = Workload(model, 32, 16, False, "cpu", "torch", False, False)
     one_f_one_b = Placement(work, Layout(pp=4, dp=2, micro_batch_size=1))  # m = 8
     assert one_f_one_b.bubble_fraction() == pytest.approx(3 / 8)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_ok
 from training_run import TINY, data_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +153,7 @@ def test_sweep_runs_one_slurm_job_per_point_and_summarizes(dataset: dict, tmp_pa
         [sys.executable, "-m", "megaolmo.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'local'}"],
         cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
-    assert local.returncode == 0, local.stderr
+    assert_ok(local)
     on_slurm = subprocess.run(
         [
             sys.executable, "-m", "megaolmo.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'slurm'}",
@@ -161,7 +162,7 @@ def test_sweep_runs_one_slurm_job_per_point_and_summarizes(dataset: dict, tmp_pa
         ],
         cwd=tmp_path, env=job_environment(tmp_path), capture_output=True, text=True, check=False, timeout=900,
     )  # fmt: skip
-    assert on_slurm.returncode == 0, on_slurm.stderr
+    assert_ok(on_slurm)
     assert "sweep summary: 2 point(s)" in on_slurm.stdout
     for name in ("local", "slurm"):
         points = sorted(path.name for path in (tmp_path / name).iterdir() if (path / "metrics.jsonl").is_file())

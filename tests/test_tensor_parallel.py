@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import small_model
 from tp_worker import BATCH, CONFIG, SEQ, run_checks
 
 from megaolmo.config import ConfigError, ModelConfig, ParallelConfig, resolve_layout
@@ -104,7 +105,7 @@ def test_cross_entropy_matches_torch_with_z_loss_and_ignored_tokens() -> None:
     assert ce[0, 0] == 0
 
 
-MODEL = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_size=96, vocab_size=1000)
+MODEL = small_model(n_layers=4, n_kv_heads=2, vocab_size=1000)
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import assert_ok
 from training_run import TINY, VOCAB, data_args, losses, train
 
 
 def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:
     tasks = [f"trainer.downstream_tasks=[{dataset['task']}]"]
     single = train([*TINY, *data_args(dataset), *tasks], tmp_path / "single")
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert_ok(single)
     layout = train([*TINY, *data_args(dataset), *tasks, "parallel=tp2_pp2_dp2"], tmp_path / "tp2_pp2_dp2", ranks=8)
-    assert layout.returncode == 0, layout.stderr[-3000:]
+    assert_ok(layout)
     expected, got = losses(tmp_path / "single"), losses(tmp_path / "tp2_pp2_dp2")
     assert len(expected) == 5 and expected[-1] < expected[0]
     for a, b in zip(got, expected):
@@ -39,7 +40,7 @@ def test_final_weights_load_with_megaolmo_load(dataset, tmp_path: Path) -> None:
     import megaolmo
 
     result = train([*TINY, *data_args(dataset), "trainer.max_steps=2", "trainer.precision=bf16"], tmp_path / "run")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     model = megaolmo.load(tmp_path / "run" / "final")
     logits = model(torch.zeros(1, 4, dtype=torch.long))
     assert logits.shape == (1, 4, VOCAB) and torch.isfinite(logits).all()
@@ -89,5 +90,5 @@ def test_unknown_key_and_wrong_type_fail_at_compose_time(tmp_path: Path) -> None
 
 def test_cfg_job_prints_the_resolved_experiment(tmp_path: Path) -> None:
     result = train(["experiment=olmo_7b", "--cfg", "job"], tmp_path / "cfg")
-    assert result.returncode == 0, result.stderr
+    assert_ok(result)
     assert "d_model: 4096" in result.stdout and "lr: 0.0003" in result.stdout and "scheduler: linear" in result.stdout

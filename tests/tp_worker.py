@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import small_model
 
-from megaolmo.config import ModelConfig
 from megaolmo.kernels import rope_cos_sin_cached
 from megaolmo.model.olmo import OLMoBlock
 from megaolmo.parallel import (
@@ -26,7 +26,7 @@ from megaolmo.parallel import (
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 SEQ, BATCH = 8, 2
-CONFIG = ModelConfig(d_model=64, n_layers=1, n_heads=4, ffn_hidden_size=96, vocab_size=256, kernels="torch")
+CONFIG = small_model(n_layers=1, kernels="torch")
 
 
 def count_block_collectives(sequence_parallel: bool) -> dict[str, list]:
@@ -74,7 +74,7 @@ def activation_bytes_per_block() -> tuple[int, int]:
     Parameters and the RoPE tables (shared by every block) are not activations and are left out.
     """
     s, b, h = 32, 2, 64
-    config = ModelConfig(d_model=h, n_layers=1, n_heads=4, ffn_hidden_size=176, vocab_size=256, kernels="triton")
+    config = small_model(d_model=h, n_layers=1, ffn_hidden_size=176, kernels="triton")
     tp = TensorParallel(dist.group.WORLD, sequence_parallel=True)
     with torch.device("meta"):
         block = OLMoBlock(config, 0)
