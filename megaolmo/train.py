@@ -137,6 +137,9 @@ def train(config: Config, stop_request: StopRequest) -> bool:
     model = ParallelOLMo(model_config, config.parallel, trainer.seed, param_dtype, trainer.z_loss, IGNORE, config.fp8)
     if model.high_precision_layers and is_rank_zero():
         print(f"FP8: kept in high precision (dims not multiples of 16): {', '.join(model.high_precision_layers)}")
+    if model.fp8_emulated and is_rank_zero():
+        print("FP8: emulated (no FP8 GEMM on this device, or fp8.emulate=true): float8 casts and scaling, "
+              "high-precision matmuls; its speed is not FP8's")  # fmt: skip
     device = model.mesh.device
     optimizer = build_optimizer(model.named_parameters(), config.optim, device)
     start_step = resume(config, run_dir, model, optimizer, batches)

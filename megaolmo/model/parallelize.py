@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megaolmo.config import ConfigError, Fp8Config, ModelConfig, ParallelConfig
-from megaolmo.fp8 import apply_fp8, check_backend
+from megaolmo.fp8 import apply_fp8, check_backend, emulates
 from megaolmo.model.init import init_parameters
 from megaolmo.model.olmo import OLMo
 from megaolmo.parallel import TensorParallel, tensor_parallel_layers
@@ -121,8 +121,10 @@ class ParallelOLMo:
         self.config = validate_layout(model, parallel, world_size)
         self.parallel = parallel
         self.mesh = ParallelMesh(parallel)
-        check_backend(self.config.linear, self.mesh.device)
         self.fp8 = fp8 or Fp8Config()
+        check_backend(self.config.linear, self.mesh.device, self.fp8)
+        # torchao's FP8 with high-precision matmuls (no FP8 GEMM here, or fp8.emulate=true)
+        self.fp8_emulated = emulates(self.config.linear, self.fp8, self.mesh.device)
         self.amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
         self.high_precision_layers: list[str] = []  # block linears kept out of FP8 (dims not multiples of 16)
         self.param_dtype = param_dtype
@@ -157,7 +159,7 @@ class ParallelOLMo:
         stage.to_empty(device=self.mesh.device)
         init_parameters(stage, self.config, seed)
         self.high_precision_layers += apply_fp8(
-            stage, self.config.linear, self.fp8, self.config.n_layers, self.amax_group
+            stage, self.config.linear, self.fp8, self.config.n_layers, self.amax_group, self.fp8_emulated
         )
         if self.mesh.dp_mesh is not None:
             shard_data_parallel(
