@@ -47,7 +47,8 @@ def train_losses(dataset, linear: str, steps: int) -> list[float]:
 
 
 def test_torchao_fp8_trains_like_bf16(dataset) -> None:
-    fp8, bf16 = train_losses(dataset, "torchao", 100), train_losses(dataset, "torch", 100)
+    # 40 steps: bf16 matmuls are slow on CPUs without AVX512-BF16 (35x slower than fp32 on some).
+    fp8, bf16 = train_losses(dataset, "torchao", 40), train_losses(dataset, "torch", 40)
     assert fp8[-1] < 0.8 * fp8[0]  # it learns
     end_fp8, end_bf16 = sum(fp8[-5:]) / 5, sum(bf16[-5:]) / 5
     assert abs(end_fp8 - end_bf16) <= 0.03 * end_bf16, (end_fp8, end_bf16)
