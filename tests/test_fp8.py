@@ -9,10 +9,12 @@ the real FP8 GEMMs run in the gpu-marked tests.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from training_run import TINY, data_args, train
 
 from megaolmo.config import ConfigError, Fp8Config, ModelConfig, OptimConfig, ParallelConfig
 from megaolmo.data import GlobalBatches, MemmapDataset
@@ -123,6 +125,14 @@ def test_emulate_is_validated_and_read_from_the_command_line() -> None:
         config = OmegaConf.merge(OmegaConf.structured(Fp8Config), OmegaConf.from_dotlist([f"emulate={value}"]))
         assert OmegaConf.to_object(config).emulate == value
     assert Fp8Config().emulate == "auto"
+
+
+def test_training_says_once_that_fp8_is_emulated(dataset, tmp_path: Path) -> None:
+    args = [*TINY, *data_args(dataset), "model.linear=torchao", "parallel.device=cpu", "trainer.max_steps=1",
+            "trainer.eval_interval=0"]  # fmt: skip
+    result = train(args, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("FP8: emulated") == 1, result.stdout
 
 
 def test_layers_that_fp8_cannot_run_stay_in_high_precision() -> None:
