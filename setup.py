@@ -31,6 +31,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-timeout",  # pytest.ini: timeout = 300 per test
             "transformers>=4.48",
             "tokenizers",
             "safetensors",

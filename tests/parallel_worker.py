@@ -1,9 +1,10 @@
 """Runs training steps under many parallel layouts in one set of spawned CPU (gloo) ranks.
 
-Spawning 8 Python processes costs more than most layouts take to test, so the
-ranks are spawned once and, for each layout, the first tp*pp*dp of them form a
-fresh process group (a FileStore per layout), train, write their results, and
-tear the group down. A layout that fails records its error and the next runs.
+Starting Python processes costs more than most layouts take to test, so the
+ranks are spawned once for many layouts (test_parallel: those of one world size)
+and, for each layout, the first tp*pp*dp of them form a fresh process group
+(a FileStore per layout), train, write their results, and tear the group down.
+A layout that fails records its error and the next runs.
 """
 
 from __future__ import annotations

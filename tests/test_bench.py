@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_rows import assert_well_formed
 
 from megaolmo.tables import format_table, write_rows
 
@@ -58,4 +59,10 @@ def test_gpu_run_reports_every_op_and_mode(tmp_path: Path) -> None:
     assert {(row["op"], row["mode"]) for row in rows} == {
         (op, mode) for op in ("layer_norm", "swiglu", "rope") for mode in ("forward", "backward", "forward+backward")
     }
-    assert all(row["GB/s"] > 0 and "x torch.compile" in row for row in rows)
+    columns = ["op", "shape", "mode", "ms", "GB/s", "%copy"]
+    figures = ["ms", "GB/s", "%copy"]
+    for row in rows:
+        assert list(row)[: len(columns)] == columns and "x torch.compile" in row
+        extra = [key for key in row if key.startswith(("x ", "peak MiB"))]
+        assert_well_formed([row], columns + extra, figures + extra)
+        assert ("peak MiB" in row) == (row["mode"] == "forward+backward")

@@ -53,28 +53,17 @@ def test_stop_at_and_resume_are_bitwise_exact(dataset, straight: list[float], tm
     assert losses(run_dir) == straight  # bitwise: fp32 on CPU, same layout
 
 
-def test_resume_on_other_layouts(dataset, straight: list[float], tmp_path: Path) -> None:
-    """tp2_pp2_dp2 -> tp4_pp1_dp2 -> one process, each leg resharding the previous leg's checkpoint."""
-    run_dir = tmp_path / "run"
-    legs = [
-        (["parallel=tp2_pp2_dp2", "trainer.stop_at=2"], 8),
-        (["parallel=tp4_pp1_dp2", "trainer.stop_at=4"], 8),
-        ([], 1),
-    ]
-    for args, ranks in legs:
-        result = run(dataset, run_dir, *args, ranks=ranks)
-        assert_ok(result)
-    got = losses(run_dir)
-    assert len(got) == len(straight)
-    for a, b in zip(got, straight):
-        assert abs(a - b) <= 1e-5 * b, (got, straight)
-
-
-def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tp2_pp2_dp2_run(dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two steps under tp2_pp2_dp2, checkpointed at step 2 (8 ranks: started once for the tests below)."""
+    run_dir = tmp_path_factory.mktemp("tp2_pp2_dp2") / "run"
     result = run(dataset, run_dir, "parallel=tp2_pp2_dp2", "trainer.stop_at=2", ranks=8)
     assert_ok(result)
-    checkpoint = checkpoints(run_dir) / "step000002"
+    return run_dir
+
+
+def test_sharded_checkpoint_consolidates_and_loads(tp2_pp2_dp2_run: Path, tmp_path: Path) -> None:
+    checkpoint = checkpoints(tp2_pp2_dp2_run) / "step000002"  # only read here
     out = tmp_path / "consolidated"
     convert = subprocess.run(
         [sys.executable, "-m", "megaolmo.convert", "consolidate", str(checkpoint), str(out)],
@@ -89,6 +78,23 @@ def test_sharded_checkpoint_consolidates_and_loads(dataset, tmp_path: Path) -> N
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert_ok(hf)
+
+
+def test_resume_on_other_layouts(dataset, straight: list[float], tp2_pp2_dp2_run: Path, tmp_path: Path) -> None:
+    """tp2_pp2_dp2 -> tp4_pp1_dp2 -> one process, each leg resharding the previous leg's checkpoint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tp2_pp2_dp2_run, run_dir)  # the first leg, to step 2
+    legs = [
+        (["parallel=tp4_pp1_dp2", "trainer.stop_at=4"], 8),
+        ([], 1),
+    ]
+    for args, ranks in legs:
+        result = run(dataset, run_dir, *args, ranks=ranks)
+        assert_ok(result)
+    got = losses(run_dir)
+    assert len(got) == len(straight)
+    for a, b in zip(got, straight):
+        assert abs(a - b) <= 1e-5 * b, (got, straight)
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:

@@ -1,15 +1,26 @@
-"""FP8 local GEMMs: torchao on CPU trains like BF16; Transformer Engine on GPUs (gpu-marked)."""
+"""FP8 local GEMMs: torchao on CPU (emulated) trains like BF16; the real FP8 GEMMs and Transformer Engine on GPUs.
+
+On CPU, torchao's FP8 is emulated (`fp8.emulate=auto`): the float8 casts and scales of the real
+path, the matmuls in high precision, so these tests check megaolmo's FP8 wiring in seconds on any
+CPU. `torch._scaled_mm` itself runs here only on a tiny shape (its CPU reference path is scalar);
+the real FP8 GEMMs run in the gpu-marked tests.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_ok
+from omegaconf import OmegaConf
+from training_run import TINY, data_args, train
 
 from megaolmo.config import ConfigError, Fp8Config, ModelConfig, OptimConfig, ParallelConfig
 from megaolmo.data import GlobalBatches, MemmapDataset
 from megaolmo.model.engine import ParallelOLMo
+from megaolmo.model.fp8 import has_fp8_gemm
 from megaolmo.train.optim import learning_rate
 
 CONFIG = ModelConfig(
@@ -39,10 +50,90 @@ def train_losses(dataset, linear: str, steps: int) -> list[float]:
 
 
 def test_torchao_fp8_trains_like_bf16(dataset) -> None:
-    fp8, bf16 = train_losses(dataset, "torchao", 100), train_losses(dataset, "torch", 100)
+    # 40 steps: bf16 matmuls are slow on CPUs without AVX512-BF16 (35x slower than fp32 on some).
+    fp8, bf16 = train_losses(dataset, "torchao", 40), train_losses(dataset, "torch", 40)
     assert fp8[-1] < 0.8 * fp8[0]  # it learns
     end_fp8, end_bf16 = sum(fp8[-5:]) / 5, sum(bf16[-5:]) / 5
     assert abs(end_fp8 - end_bf16) <= 0.03 * end_bf16, (end_fp8, end_bf16)
+
+
+def fp8_linears(model: ParallelOLMo) -> list[torch.nn.Module]:
+    return [m for stage in model.stages for m in stage.modules() if type(m).__name__ == "Float8Linear"]
+
+
+def batch(rows: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(0))
+    return ids, torch.roll(ids, -1, 1)
+
+
+def counting_scaled_mm(monkeypatch: pytest.MonkeyPatch, real) -> list[torch.Size]:
+    """Replace torch._scaled_mm by `real` (None: raise) that records the shape of each first operand."""
+    calls: list[torch.Size] = []
+
+    def scaled_mm(a, *args, **kwargs):
+        calls.append(a.shape)
+        if real is None:
+            raise AssertionError("torch._scaled_mm called: FP8 should be emulated here")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    return calls
+
+
+def test_cpu_fp8_is_emulated_never_calls_scaled_mm_and_quantizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_scaled_mm(monkeypatch, real=None)
+    cpu = ParallelConfig(device="cpu")
+    fp8 = ParallelOLMo(dataclasses.replace(CONFIG, linear="torchao"), cpu, seed=3)  # the default fp8.emulate=auto
+    fp32 = ParallelOLMo(CONFIG, cpu, seed=3)
+    assert fp8.fp8_emulated and not fp32.fp8_emulated
+    assert len(fp8_linears(fp8)) == 8 and all(m.config.emulate for m in fp8_linears(fp8))
+    ids, labels = batch(8, 64, CONFIG.vocab_size)
+    loss_fp8, loss_fp32 = (model.forward_backward(ids, labels, micro_batch_size=4).ce for model in (fp8, fp32))
+    assert calls == []
+    # Quantized: not the fp32 result, but close to it (float8 has 3 mantissa bits in the forward).
+    assert loss_fp8 != loss_fp32 and abs(loss_fp8 - loss_fp32) <= 0.02 * loss_fp32, (loss_fp8, loss_fp32)
+    grad_fp8, grad_fp32 = (model.full_tensors(grads=True)["blocks.0.ff_proj.linear.weight"] for model in (fp8, fp32))
+    error = ((grad_fp8 - grad_fp32).norm() / grad_fp32.norm()).item()
+    assert 1e-4 < error < 0.2, error
+
+
+@pytest.mark.real_scaled_mm
+def test_emulate_false_on_cpu_takes_the_real_path_which_emulation_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_scaled_mm(monkeypatch, real=torch._scaled_mm)
+    # Tiny: the CPU reference path of torch._scaled_mm is scalar (0.06 GFLOP/s on some CPUs).
+    tiny = ModelConfig(d_model=16, n_layers=1, n_heads=1, ffn_hidden_size=16, vocab_size=128,
+                       max_sequence_length=16, kernels="torch", linear="torchao")  # fmt: skip
+    models = {
+        emulate: ParallelOLMo(tiny, ParallelConfig(device="cpu"), seed=3, fp8=Fp8Config(emulate=emulate))
+        for emulate in ("false", "true")
+    }
+    ids, labels = batch(1, 16, tiny.vocab_size)
+    real = models["false"]
+    assert not real.fp8_emulated and not any(m.config.emulate for m in fp8_linears(real))
+    real_loss = real.forward_backward(ids, labels, micro_batch_size=1).ce
+    assert len(calls) == 3 * len(fp8_linears(real)) == 12  # output, grad input, grad weight of each FP8 linear
+    calls.clear()
+    emulated_loss = models["true"].forward_backward(ids, labels, micro_batch_size=1).ce
+    assert calls == [] and models["true"].fp8_emulated
+    # The same float8 casts and tensorwise scales: only the matmul's precision differs.
+    assert abs(real_loss - emulated_loss) <= 1e-4 * real_loss, (real_loss, emulated_loss)
+
+
+def test_emulate_is_validated_and_read_from_the_command_line() -> None:
+    with pytest.raises(ConfigError, match="^fp8.emulate='maybe' is not one of auto, true, false$"):
+        Fp8Config(emulate="maybe")
+    for value in ("true", "false", "auto"):  # Hydra's `true`/`false` reach a str field as "True"/"False"
+        config = OmegaConf.merge(OmegaConf.structured(Fp8Config), OmegaConf.from_dotlist([f"emulate={value}"]))
+        assert OmegaConf.to_object(config).emulate == value
+    assert Fp8Config().emulate == "auto"
+
+
+def test_training_says_once_that_fp8_is_emulated(dataset, tmp_path: Path) -> None:
+    args = [*TINY, *data_args(dataset), "model.linear=torchao", "parallel.device=cpu", "trainer.max_steps=1",
+            "trainer.eval_interval=0"]  # fmt: skip
+    result = train(args, tmp_path / "run")
+    assert_ok(result)
+    assert result.stdout.count("FP8: emulated") == 1, result.stdout
 
 
 def test_layers_that_fp8_cannot_run_stay_in_high_precision() -> None:
@@ -90,3 +181,18 @@ def test_transformer_engine_tracks_bf16_and_torchao(recipe: str) -> None:
         losses[linear] = model.forward_backward(ids, labels, micro_batch_size=4).ce
     assert abs(losses["te"] - losses["torch"]) < 0.02 * losses["torch"]
     assert abs(losses["te"] - losses["torchao"]) < 0.02 * losses["torch"]
+
+
+@pytest.mark.gpu
+def test_gpus_with_fp8_gemm_run_scaled_mm_and_older_ones_emulate(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_scaled_mm(monkeypatch, real=torch._scaled_mm)
+    config = dataclasses.replace(CONFIG, d_model=256, ffn_hidden_size=512, kernels="triton", linear="torchao")
+    ids, labels = batch(8, 64, config.vocab_size)
+    model = ParallelOLMo(config, ParallelConfig(), seed=1, param_dtype=torch.bfloat16)
+    model.forward_backward(ids, labels, micro_batch_size=4)
+    if has_fp8_gemm(model.mesh.device):
+        assert not model.fp8_emulated and len(calls) == 3 * len(fp8_linears(model))
+    else:
+        assert model.fp8_emulated and calls == []
+        with pytest.raises(ConfigError, match="has no FP8 .* or fp8.emulate=auto"):
+            ParallelOLMo(config, ParallelConfig(), fp8=Fp8Config(emulate="false"))

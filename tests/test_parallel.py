@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_groups import spawn, spawned_results
 from parallel_worker import Layout, reference, run_layouts
-
-N_PROCS = 8
 
 
 def _layouts() -> list[Layout]:
@@ -47,13 +46,21 @@ LAYOUTS = _layouts()
 FP8_LAYOUTS = [Layout("fp8_tp2_pp2_dp2", "fp8", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True})]
 
 
+def _spawn_group(layout: Layout) -> tuple[str, int]:
+    """The layouts of one world size run in one spawn; the FP8 ones in their own."""
+    return ("fp8" if layout.model == "fp8" else "fp32", layout.world_size)
+
+
+def _spawn_layouts(layouts: list[Layout], out: Path) -> None:
+    nprocs = max(layout.world_size for layout in layouts)
+    spawn(run_layouts, (nprocs, [dataclasses.asdict(layout) for layout in layouts], str(out)), nprocs)
+
+
 @pytest.fixture(scope="session")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run every layout once, in one spawn of 8 ranks; the tests below read the results."""
-    out = tmp_path_factory.mktemp("parallel")
-    specs = [dataclasses.asdict(layout) for layout in LAYOUTS + FP8_LAYOUTS]
-    mp.spawn(run_layouts, args=(N_PROCS, specs, str(out)), nprocs=N_PROCS, join=True)
-    return out
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Layout], Path]:
+    """Every layout runs once, those of one world size (FP8 apart) in one spawn when a test first needs
+    one of them (so no test waits for them all); the tests below read the results."""
+    return spawned_results(tmp_path_factory.mktemp("parallel"), LAYOUTS + FP8_LAYOUTS, _spawn_group, _spawn_layouts)
 
 
 _references: dict[tuple, dict] = {}
@@ -71,8 +78,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.name for layout in LAYOUTS])
-def test_layout_matches_one_process(layout: Layout, matrix: Path) -> None:
-    directory = matrix / layout.name
+def test_layout_matches_one_process(layout: Layout, matrix: Callable[[Layout], Path]) -> None:
+    directory = matrix(layout)
     errors = sorted(directory.glob("*.error"))
     assert not errors, errors[0].read_text()
     results = [torch.load(directory / f"rank{r}.pt") for r in range(layout.world_size)]
@@ -92,10 +99,10 @@ def test_layout_matches_one_process(layout: Layout, matrix: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", FP8_LAYOUTS, ids=[layout.name for layout in FP8_LAYOUTS])
-def test_fp8_layout_matches_fp8_on_one_process(layout: Layout, matrix: Path) -> None:
+def test_fp8_layout_matches_fp8_on_one_process(layout: Layout, matrix: Callable[[Layout], Path]) -> None:
     """FP8 tolerance: per-tensor scales come from each rank's TP shard (one process scales the whole
     tensor), so losses agree to 1% rather than to fp32 rounding."""
-    directory = matrix / layout.name
+    directory = matrix(layout)
     errors = sorted(directory.glob("*.error"))
     assert not errors, errors[0].read_text()
     expected = reference_for(layout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_groups import spawn, spawned_results
 from helpers import small_model
 from plan_worker import GLOBAL_BATCH, MICRO_BATCH, MODEL, SEQ_LEN, Run, measure_runs, profiled_peak, train_two_steps
 
@@ -39,6 +39,11 @@ TEST_HARDWARE = Hardware(
 )  # fmt: skip
 
 
+# The hand-checked cases: d_model 256, 128 tokens, global batch 16 (the measured runs are smaller).
+HAND_MODEL = dataclasses.replace(MODEL, d_model=256, ffn_hidden_size=704)
+HAND_WORK = Workload(HAND_MODEL, 128, 16, False, "cpu", "torch", False, False)
+
+
 def plan_for(run: Run, device: str = "cpu") -> Plan:
     work = Workload(MODEL, SEQ_LEN, GLOBAL_BATCH, run.bf16, device, MODEL.kernels, device == "cuda", False)
     layout = Layout(micro_batch_size=MICRO_BATCH, **run.parallel)
@@ -51,12 +56,14 @@ def check(planned: float, measured: int, what: str) -> None:
     assert abs(error) <= TOLERANCE, (what, planned, measured)
 
 
+def _spawn_runs(runs: list[Run], out: Path) -> None:
+    spawn(measure_runs, ([dataclasses.asdict(run) for run in runs], str(out)), max(run.world_size for run in runs))
+
+
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every multi-rank run, in one spawn of two gloo ranks."""
-    out = tmp_path_factory.mktemp("plan")
-    mp.spawn(measure_runs, args=([dataclasses.asdict(run) for run in SPAWNED], str(out)), nprocs=2, join=True)
-    return out
+def spawned(tmp_path_factory: pytest.TempPathFactory):
+    """Each multi-rank run in its own spawn of two gloo ranks, when its test asks for it."""
+    return spawned_results(tmp_path_factory.mktemp("plan"), SPAWNED, lambda run: run.name, _spawn_runs)
 
 
 @pytest.mark.parametrize("run", SINGLE, ids=[run.name for run in SINGLE])
@@ -66,12 +73,13 @@ def test_memory_plan_matches_a_single_process(run: Run) -> None:
 
 
 @pytest.mark.parametrize("run", SPAWNED, ids=[run.name for run in SPAWNED])
-def test_memory_plan_matches_every_rank(run: Run, spawned: Path) -> None:
-    errors = sorted((spawned / run.name).glob("*.error"))
+def test_memory_plan_matches_every_rank(run: Run, spawned) -> None:
+    directory = spawned(run)
+    errors = sorted(directory.glob("*.error"))
     assert not errors, errors[0].read_text()
     plan = plan_for(run)
     for rank in range(run.world_size):
-        result = json.loads((spawned / run.name / f"rank{rank}.json").read_text())
+        result = json.loads((directory / f"rank{rank}.json").read_text())
         check(plan.memory[result["pp_rank"]].peak.total, result["peak"], f"{run.name} rank {rank}")
 
 
@@ -114,7 +122,7 @@ def test_pipeline_bubble_and_microbatches_in_flight() -> None:
 def test_communication_volumes_on_hand_checked_cases() -> None:
     """s 128, b 4, h 256 in fp32: one [s, b, h] activation is 512 KiB; TP2 rings send half of it."""
     act = 128 * 4 * 256 * 4
-    sp = Placement(plan_for(SPAWNED[0]).placement.work, Layout(tp=2, micro_batch_size=4, sequence_parallel=True))
+    sp = Placement(HAND_WORK, Layout(tp=2, micro_batch_size=4, sequence_parallel=True))
     (rank,) = sp.ranks()
     loss = 3 * 2 * 0.5 * 512 * 4  # three all-reduces over the 512 tokens' fp32 statistics
     # per layer: forward 2 all-gathers + 2 reduce-scatters, backward those mirrored + 2 re-gathers; embedding
@@ -134,7 +142,7 @@ def test_communication_volumes_on_hand_checked_cases() -> None:
 
 
 def test_search_returns_only_feasible_layouts_fastest_first() -> None:
-    work = Workload(MODEL, SEQ_LEN, GLOBAL_BATCH, True, "cpu", "torch", False, False)
+    work = dataclasses.replace(HAND_WORK, bf16=True)
     hardware = dataclasses.replace(TEST_HARDWARE, memory_bytes=16 * 2**20)  # about half the layouts fit
     accepted = []
     for layout in candidate_layouts(work, hardware):
@@ -192,7 +200,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(
 
 
 def test_placement_refuses_what_megaolmo_refuses() -> None:
-    work = Workload(MODEL, SEQ_LEN, GLOBAL_BATCH, False, "cpu", "torch", False, False)
+    work = HAND_WORK
     with pytest.raises(ConfigError, match="not divisible by trainer.micro_batch_size=4 x dp=8"):
         Placement(dataclasses.replace(work, global_batch_size=12), Layout(dp=8, micro_batch_size=4))
     with pytest.raises(ConfigError, match="cannot fill 4 pipeline stages"):

@@ -6,6 +6,9 @@ has (torch, torchao FP8, Transformer Engine FP8), and of Hugging Face's
 OlmoForCausalLM on the same weights and batch, in one run: tokens/s, model
 TFLOP/s (6N + 12 L d s FLOPs per token), MFU and peak memory. Under torchrun
 it measures the layout given by --tp/--pp (no transformers column then).
+Where the device has no FP8 GEMM (CPU, GPUs below sm_89) torchao's FP8 is
+emulated, high-precision matmuls after the float8 casts: its row is named
+"megaolmo torchao (emulated FP8)", a check of the wiring, not FP8's speed.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
 from megaolmo.convert.hf import config_to_hf, state_to_hf
 from megaolmo.model.engine import ParallelOLMo
 from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+from megaolmo.model.fp8 import has_fp8_gemm
 from megaolmo.parallel.launch import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.tables import write_rows
 
 
 def available_linears(device: torch.device) -> list[str]:
+    """torch; torchao wherever it is installed (emulated without an FP8 GEMM); TE on FP8 GPUs."""
     linears = ["torch"]
-    fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    if importlib.util.find_spec("torchao") is not None and (device.type == "cpu" or fp8_gpu):
+    if importlib.util.find_spec("torchao") is not None:
         linears.append("torchao")
-    if importlib.util.find_spec("transformer_engine") is not None and fp8_gpu:
+    if importlib.util.find_spec("transformer_engine") is not None and has_fp8_gemm(device):
         linears.append("te")
     return linears
 
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         )
         seconds = _timed(step, args.steps, args.warmup, device)
         baseline = baseline or seconds
-        rows.append(_row(f"megaolmo {linear}", seconds, tokens, step_flops, peak, baseline, device))
+        name = f"megaolmo {linear}" + (" (emulated FP8)" if model.fp8_emulated else "")
+        rows.append(_row(name, seconds, tokens, step_flops, peak, baseline, device))
         if linear == "torch" and world == 1 and args.transformers:
             hf_seconds = _timed(transformers_step(model, dtype, ids), args.steps, args.warmup, device)
             rows.append(_row("transformers", hf_seconds, tokens, step_flops, peak, baseline, device))

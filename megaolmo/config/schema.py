@@ -297,13 +297,17 @@ class Fp8Config:
     amax_history_len: int = 1024  # delayed scaling: steps of amax history
     amax_compute_algo: str = "max"  # delayed scaling: max | most_recent over the history
     keep_first_last_blocks_bf16: bool = False  # the first and last blocks keep high-precision GEMMs
+    emulate: str = "auto"  # torchao: auto (emulate where there is no FP8 GEMM: CPU, GPUs below sm_89) | true | false
 
     def __post_init__(self) -> None:
+        if str(self.emulate).lower() in ("auto", "true", "false"):  # the command line's `true` arrives as "True"
+            self.emulate = str(self.emulate).lower()
         choices = {
             "torchao_recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
             "te_recipe": ("delayed", "current", "mxfp8"),
             "fp8_format": ("HYBRID", "E4M3"),
             "amax_compute_algo": ("max", "most_recent"),
+            "emulate": ("auto", "true", "false"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
 from megaolmo.data.labels import IGNORE_INDEX
-from megaolmo.model.fp8 import check_backend
+from megaolmo.model.fp8 import check_backend, emulates
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel import tensor_parallel_layers
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -92,11 +92,20 @@ class ParallelOLMo:
         self.layout = resolve_layout(model, parallel, world_size)
         self.config, self.parallel = self.layout.model, parallel
         self.mesh = ParallelMesh(parallel)
-        check_backend(self.config.linear, self.mesh.device)
+        fp8 = fp8 or Fp8Config()
+        check_backend(self.config.linear, self.mesh.device, fp8)
+        # torchao's FP8 with high-precision matmuls (no FP8 GEMM here, or fp8.emulate=true)
+        self.fp8_emulated = emulates(self.config.linear, fp8, self.mesh.device)
         amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
         self.param_dtype, self.ignore_index = param_dtype, ignore_index
         self.local_stages = parallelize_olmo(
-            self.layout, self.mesh, seed=seed, param_dtype=param_dtype, fp8=fp8 or Fp8Config(), amax_group=amax_group
+            self.layout,
+            self.mesh,
+            seed=seed,
+            param_dtype=param_dtype,
+            fp8=fp8,
+            fp8_emulated=self.fp8_emulated,
+            amax_group=amax_group,
         )
         self.stages = self.local_stages.modules  # this rank's stage modules, in pipeline order
         self.tied_replica = self.local_stages.tied_replica(self.layout)

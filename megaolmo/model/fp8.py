@@ -1,16 +1,21 @@
 """FP8 as a choice of local GEMM (`model.linear: torch | te | torchao`), under unchanged TP communication.
 
 A TP layer is communication around `layer.linear`; FP8 swaps that local module:
-torchao's `Float8Linear` (dynamic scaling, tensorwise or rowwise; it runs on CPU
-too, through `torch._scaled_mm`) or Transformer Engine's `te.pytorch.Linear`
+torchao's `Float8Linear` (dynamic scaling, tensorwise or rowwise) or Transformer Engine's `te.pytorch.Linear`
 (delayed or current scaling, MXFP8 on Blackwell) whose forward runs inside
 `te.fp8_autocast` with the amax reduced over the TP and DP ranks of the stage,
 as in Megatron. Weights stay in high precision, so checkpoints do too.
 FP8 GEMMs need both dims divisible by 16; other layers keep the high-precision GEMM.
+
+Where the device has no FP8 GEMM (CPU, GPUs below compute capability 8.9) torchao is
+emulated by default (`fp8.emulate=auto`): the same scaling and float8 casts, the matmul
+in high precision. `torch._scaled_mm` has only a scalar reference path on CPU, a thousand
+times slower than an fp32 matmul; `fp8.emulate=false` asks for it all the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -23,7 +28,19 @@ from megaolmo.errors import ConfigError
 from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear
 
 
-def check_backend(linear: str, device: torch.device) -> None:
+def has_fp8_gemm(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` has a real FP8 kernel here: CUDA GPUs of compute capability 8.9+."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def emulates(linear: str, config: Fp8Config, device: torch.device) -> bool:
+    """Whether torchao's FP8 runs emulated (float8 casts and scales, high-precision matmuls) under `fp8.emulate`."""
+    if linear != "torchao":
+        return False
+    return config.emulate == "true" or (config.emulate == "auto" and not has_fp8_gemm(device))
+
+
+def check_backend(linear: str, device: torch.device, config: Fp8Config | None = None) -> None:
     """One clear line for an FP8 request this machine cannot serve, before anything is built."""
     if linear == "torch":
         return
@@ -34,9 +51,10 @@ def check_backend(linear: str, device: torch.device) -> None:
             raise ConfigError("model.linear=te needs Transformer Engine: pip install -e '.[te]', or use torchao")
         if device.type != "cuda":
             raise ConfigError("model.linear=te needs an NVIDIA GPU; on CPU use model.linear=torchao")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type == "cuda" and not has_fp8_gemm(device) and not emulates(linear, config or Fp8Config(), device):
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"model.linear={linear}: {name} has no FP8 (needs compute capability 8.9+); use torch")
+        hint = "use torch" if linear == "te" else "use torch, or fp8.emulate=auto"
+        raise ConfigError(f"model.linear={linear}: {name} has no FP8 (needs compute capability 8.9+); {hint}")
 
 
 def _fp8_layers(stage: nn.Module, n_layers: int, config: Fp8Config):
@@ -49,8 +67,13 @@ def _fp8_layers(stage: nn.Module, n_layers: int, config: Fp8Config):
                 yield f"blocks.{block_name}.{name}", layer
 
 
-def apply_fp8(stage: nn.Module, *, linear: str, config: Fp8Config, n_layers: int, amax_group=None) -> list[str]:
-    """Swap the local GEMMs of a materialized, initialized stage; returns the layers left in high precision."""
+def apply_fp8(
+    stage: nn.Module, *, linear: str, config: Fp8Config, n_layers: int, amax_group=None, emulate: bool = False
+) -> list[str]:
+    """Swap the local GEMMs of a materialized, initialized stage; returns the layers left in high precision.
+
+    `emulate` (torchao only): the float8 casts and scaling as usual, the matmuls in high precision.
+    """
     if linear == "torch":
         return []
     kept = []
@@ -59,17 +82,18 @@ def apply_fp8(stage: nn.Module, *, linear: str, config: Fp8Config, n_layers: int
         if local.in_features % 16 or local.out_features % 16:
             kept.append(name)
             continue
-        layer.linear = _torchao_linear(local, config) if linear == "torchao" else _te_linear(local)
+        layer.linear = _torchao_linear(local, config, emulate) if linear == "torchao" else _te_linear(local)
     if linear == "te":
         stage.forward = functools.partial(_te_autocast_forward, stage.forward, te_recipe(config), amax_group)
     return kept
 
 
-def _torchao_linear(local: nn.Linear, config: Fp8Config) -> nn.Module:
+def _torchao_linear(local: nn.Linear, config: Fp8Config, emulate: bool) -> nn.Module:
     from torchao.float8 import Float8LinearConfig
     from torchao.float8.float8_linear import Float8Linear
 
-    return Float8Linear.from_float(local, config=Float8LinearConfig.from_recipe_name(config.torchao_recipe))
+    recipe = Float8LinearConfig.from_recipe_name(config.torchao_recipe)  # a frozen dataclass
+    return Float8Linear.from_float(local, config=dataclasses.replace(recipe, emulate=emulate))
 
 
 def _te_linear(local: nn.Linear) -> nn.Module:

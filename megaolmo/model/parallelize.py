@@ -87,6 +87,7 @@ def parallelize_olmo(
     seed: int,
     param_dtype: torch.dtype,
     fp8: Fp8Config,
+    fp8_emulated: bool = False,
     amax_group=None,
 ) -> Stages:
     """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, FSDP, in order."""
@@ -104,7 +105,12 @@ def parallelize_olmo(
         stage.to_empty(device=mesh.device)
         init_parameters(stage, config, seed)
         stages.high_precision_layers += apply_fp8(
-            stage, linear=config.linear, config=fp8, n_layers=config.n_layers, amax_group=amax_group
+            stage,
+            linear=config.linear,
+            config=fp8,
+            n_layers=config.n_layers,
+            amax_group=amax_group,
+            emulate=fp8_emulated,
         )
         apply_data_parallel(stage, mesh, param_dtype=param_dtype, reshard=parallel.reshard_after_forward)
         stages.modules.append(stage)

@@ -77,6 +77,9 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
                          z_loss_multiplier=trainer.z_loss, fp8=config.fp8)  # fmt: skip
     if model.high_precision_layers and is_rank_zero():
         print(f"FP8: kept in high precision (dims not multiples of 16): {', '.join(model.high_precision_layers)}")
+    if model.fp8_emulated and is_rank_zero():
+        print("FP8: emulated (no FP8 GEMM on this device, or fp8.emulate=true): float8 casts and scaling, "
+              "high-precision matmuls; its speed is not FP8's")  # fmt: skip
     device, tokens_per_step = model.mesh.device, trainer.global_batch_size * run.seq_len
     optimizer = build_optimizer(model.named_parameters(), config.optim, device)
     checkpointer = Checkpointer(run_dir, trainer)
