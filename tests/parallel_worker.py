@@ -14,16 +14,10 @@ from pathlib import Path
 
 import torch
 from gloo_groups import run_each_on_its_group
-from helpers import small_model
+from helpers import resolved_model, small_model
 
-from megaolmo.config import ModelConfig, ParallelConfig, resolve_layout
+from megaolmo.config import ModelConfig, ParallelConfig
 from megaolmo.model.engine import ParallelOLMo
-
-
-def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
-    """The model config as megaolmo runs it on this layout (embedding padded for TP)."""
-    return resolve_layout(model, parallel, world_size).model
-
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
 MODELS = {

@@ -9,18 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import small_model
+from helpers import resolved_model, small_model
 from tp_worker import BATCH, CONFIG, SEQ, run_checks
 
-from megaolmo.config import ConfigError, ModelConfig, ParallelConfig, resolve_layout
+from megaolmo.config import ConfigError, ModelConfig, ParallelConfig
 from megaolmo.model.engine import ParallelOLMo
 from megaolmo.model.olmo import OLMoBlock
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
-
-
-def resolved_model(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
-    """The model config as megaolmo runs it on this layout (embedding padded for TP)."""
-    return resolve_layout(model, parallel, world_size).model
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megaolmo.checkpoint.consolidated import load_consolidated, read_config, save_consolidated
+from megaolmo.checkpoint.consolidated import load_consolidated, save_consolidated
 from megaolmo.checkpoint.sharded import STATE_FILE, load_sharded, restore_sharded, save_sharded
 from megaolmo.config import ModelConfig
 from megaolmo.errors import CheckpointError
@@ -29,7 +29,6 @@ __all__ = [
     "load_consolidated",
     "load_sharded",
     "load_state_dict",
-    "read_config",
     "restore_sharded",
     "save_consolidated",
     "save_sharded",

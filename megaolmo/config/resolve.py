@@ -57,10 +57,6 @@ class ResolvedLayout:
     dp: int
     stage_layers: tuple[int, ...]  # blocks of each of the pp x vp pipeline stages
 
-    @property
-    def world_size(self) -> int:
-        return self.parallel.tp * self.parallel.pp * self.dp
-
 
 def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ResolvedLayout:
     """Check a layout against the world size and the model before any group or tensor exists."""

@@ -78,17 +78,19 @@ def parallel_scorer(model: ParallelOLMo, micro_batch_size: int, pad_id: int):
     if model.parallel.sequence_parallel:
         width -= width % model.mesh.tp
 
-    def score(rows: Sequence[Row]) -> list[float]:
+    def batch(rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and labels of `rows`, padded to the fixed width; only the scored tokens have labels."""
         inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for b, row in enumerate(rows):
             n = len(row.tokens) - 1
             inputs[b, :n] = torch.tensor(row.tokens[:-1])
             labels[b, n - row.n_scored : n] = torch.tensor(row.tokens[-row.n_scored :])
+        return inputs, labels
+
+    def score(rows: Sequence[Row]) -> list[float]:
         scores: list[float] = []
-        chunks = dp_chunks(
-            model, len(rows), lambda start, stop: (inputs[start:stop], labels[start:stop]), micro_batch_size
-        )
+        chunks = dp_chunks(model, len(rows), lambda start, stop: batch(rows[start:stop]), micro_batch_size)
         for ids, targets, real in chunks:
             losses = model.row_losses(ids, targets, micro_batch_size)
             if model.mesh.dp_group is not None:

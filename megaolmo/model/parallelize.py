@@ -93,7 +93,7 @@ def parallelize_olmo(
     """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, FSDP, in order."""
     config, parallel = layout.model, layout.parallel
     count = parallel.pp * parallel.vp
-    ranges = stage_layer_ranges(config.n_layers, count, parallel.pp_layer_split)
+    ranges = stage_layer_ranges(layout.stage_layers)
     stages = Stages(modules=[], ids=stages_of_rank(mesh.pp_rank, parallel.pp, parallel.vp), count=count)
     with torch.device("meta"):
         whole = OLMo(config)

@@ -7,7 +7,7 @@ schedules) every rank holds vp non-adjacent slices of the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,8 +19,6 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from megaolmo.config import stage_layer_counts
-
 SCHEDULES = {
     "1f1b": Schedule1F1B,
     "gpipe": ScheduleGPipe,
@@ -28,10 +26,9 @@ SCHEDULES = {
 }
 
 
-def stage_layer_ranges(n_layers: int, n_stages: int, split: list[int] | None = None) -> list[range]:
-    """The blocks of each stage: an even split, or `split[i]` blocks for stage i (checked by the config)."""
-    counts = stage_layer_counts(n_layers, n_stages, split)
-    starts = [sum(counts[:i]) for i in range(n_stages)]
+def stage_layer_ranges(counts: Sequence[int]) -> list[range]:
+    """The blocks of each stage, from the number of blocks of each (megaolmo.config.stage_layer_counts)."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     return [range(start, start + count) for start, count in zip(starts, counts)]
 
 
