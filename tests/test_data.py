@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,14 @@ from megaolmo.data import (
     DataError,
     GlobalBatches,
     MemmapDataset,
+    build_order,
     builtin_corpus,
     check_compatible,
     eos_id,
     global_order,
     iter_documents,
     load_tokenizer,
+    open_order,
     prepare,
     read_metadata,
     token_dtype,
@@ -37,6 +40,7 @@ from megaolmo.data import (
 from megaolmo.data.corpus import is_valid
 
 corpus_module = importlib.import_module("megaolmo.data.corpus")
+order_module = importlib.import_module("megaolmo.data.order")
 prepare_module = importlib.import_module("megaolmo.data.prepare")  # the package re-exports prepare(), shadowing it
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +405,95 @@ def test_batch_errors(dataset: MemmapDataset) -> None:
         batches.load_state_dict({"samples_seen": 8, "seed": 1, "global_batch_size": 8})
     with pytest.raises(DataError, match="samples_seen=12 is not a whole number"):
         batches.load_state_dict({"samples_seen": 12, "seed": 0, "global_batch_size": 8})
+
+
+# ---------------------------------------------------------------------------------------------
+# The order on disk (memory-mapped, built once)
+
+
+@pytest.mark.parametrize("dtype", [None, "uint64"])  # None: the default, uint32 below 2**32 instances
+def test_order_file_is_olmos_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str | None) -> None:
+    monkeypatch.setattr(order_module, "CHUNK", 7)  # arange written in many chunks, the last one partial
+    for n, seed, epoch in [(1, 0, 0), (1000, 0, 0), (1000, 6198, 0), (1000, 6198, 3), (4099, 17, 2)]:
+        path = build_order(tmp_path, n, seed, epoch, dtype=dtype)
+        assert path.name == f"order-n{n}-seed{seed}-epoch{epoch}.{'u64' if dtype else 'u32'}"
+        order = open_order(tmp_path, n, seed, epoch, dtype=dtype)
+        assert order.dtype == np.dtype(dtype or "uint32") and order.mode == "r"
+        assert np.array_equal(order, np.random.Generator(np.random.PCG64(seed + epoch)).permutation(n))
+    assert not list(tmp_path.glob("*.tmp"))  # every build renamed its temporary file into place
+    assert order_module.order_dtype(2**32) == np.uint32 and order_module.order_dtype(2**32 + 1) == np.uint64
+
+
+def test_batches_from_order_files_match_memory(dataset: MemmapDataset, tmp_path: Path) -> None:
+    order_dir = tmp_path / "data_order"
+    in_memory = GlobalBatches(dataset, global_batch_size=8, seed=5)
+    on_disk = GlobalBatches(dataset, global_batch_size=8, seed=5, order_dir=order_dir)
+    assert on_disk.epoch_of(11) == 0 and on_disk.epoch_of(12) == 1
+    assert on_disk.prepare_order(0) == order_dir / "order-n103-seed5-epoch0.u32"
+    assert in_memory.prepare_order(0) is None  # nothing to prepare for an in-memory order
+    reference = [in_memory.batch(step) for step in range(30)]  # crosses into epochs 1 and 2
+    for step in range(30):
+        assert np.array_equal(on_disk.indices(step), in_memory.indices(step))
+        assert torch.equal(on_disk.batch(step), reference[step])
+    assert sorted(p.name for p in order_dir.iterdir()) == [f"order-n103-seed5-epoch{e}.u32" for e in range(3)]
+    built = (order_dir / "order-n103-seed5-epoch1.u32").stat().st_mtime_ns
+    on_disk.prepare_order(1)  # already there: not built again
+    assert (order_dir / "order-n103-seed5-epoch1.u32").stat().st_mtime_ns == built
+    state = GlobalBatches(dataset, global_batch_size=8, seed=5)
+    for step in range(17):
+        state.batch(step)
+    for path in order_dir.iterdir():  # derived data: a resume without the files builds them again
+        path.unlink()
+    resumed = GlobalBatches(dataset, global_batch_size=8, seed=5, order_dir=order_dir)
+    resumed.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    for step in range(17, 30):
+        assert torch.equal(resumed.next_batch(), reference[step])
+
+
+def test_damaged_order_file_is_refused(dataset: MemmapDataset, tmp_path: Path) -> None:
+    path = build_order(tmp_path, 103, 5, 0)
+    os.truncate(path, 100)
+    batches = GlobalBatches(dataset, global_batch_size=8, seed=5, order_dir=tmp_path)
+    with pytest.raises(DataError, match=r"order-n103-seed5-epoch0\.u32 has 100 bytes, not the 412 .*delete it") as err:
+        batches.indices(0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match=r"order-n103-seed5-epoch1\.u32 does not exist; build it first"):
+        open_order(tmp_path, 103, 5, 1)
+    with pytest.raises(DataError, match="dtype int64 cannot index 103 instances; use uint32 or uint64"):
+        build_order(tmp_path, 103, 5, 0, dtype="int64")
+
+
+class DolmaScale:
+    """A stand-in for a dataset of Dolma's size: only its length, no tokens on disk."""
+
+    seq_len = 2048
+
+    def __len__(self) -> int:
+        return 1_500_000_000
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS), page cache of its memmaps included."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to read resident memory")
+def test_order_memory_at_dolma_scale(tmp_path: Path) -> None:
+    n = len(DolmaScale())  # global_order(n) would hold 12 GB of int64 on every rank
+    for epoch in range(3):  # the files rank 0 built, simulated: sparse, of the right size
+        path = order_module.order_path(tmp_path, n, 6198, epoch)
+        path.touch()
+        os.truncate(path, 4 * n)
+    before = resident_bytes()
+    batches = GlobalBatches(DolmaScale(), global_batch_size=1024, seed=6198, order_dir=tmp_path)
+    per_epoch = batches.batches_per_epoch
+    for step in [0, 1, per_epoch // 2, per_epoch - 1, per_epoch, per_epoch + 7, 3 * per_epoch - 1]:
+        indices = batches.indices(step)
+        assert indices.dtype == np.int64 and indices.shape == (1024,)
+        assert indices.base is None and indices.flags.owndata  # a small copy, pinning no whole order
+    grown = resident_bytes() - before
+    assert grown < 100 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB for a 1.5 B-instance order"
 
 
 # ---------------------------------------------------------------------------------------------

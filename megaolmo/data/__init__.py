@@ -4,6 +4,8 @@ prepare(...) / python -m megaolmo.data.prepare   Dolma files -> <out>/*.npy + me
 builtin_corpus()                                  the Python standard library, prepared once and cached
 MemmapDataset(paths, seq_len)                     fixed-length instances, OLMo's rule
 GlobalBatches(dataset, global_batch_size, seed)   batch(step): the same rows whatever the parallel layout
+  order_dir=<run_dir>/data_order                  each epoch's order memory-mapped from a file, not per rank
+build_order / open_order(order_dir, n, seed, e)   that file: written once (atomically), opened read-only
 DataSources(data_config, ...)                     a training run's memmaps and held-out sources, checked
 """
 
@@ -18,6 +20,7 @@ from megaolmo.data.dataset import GlobalBatches, MemmapDataset, check_compatible
 from megaolmo.data.dolma import iter_documents
 from megaolmo.data.labels import IGNORE_INDEX, shifted_labels
 from megaolmo.data.metadata import read_metadata, token_dtype
+from megaolmo.data.order import build_order, open_order
 from megaolmo.data.prepare import prepare
 from megaolmo.data.sources import DataSources
 from megaolmo.data.tokenizer import eos_id, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
@@ -30,12 +33,14 @@ __all__ = [
     "DataSources",
     "GlobalBatches",
     "MemmapDataset",
+    "build_order",
     "builtin_corpus",
     "check_compatible",
     "eos_id",
     "global_order",
     "iter_documents",
     "load_tokenizer",
+    "open_order",
     "prepare",
     "read_metadata",
     "shifted_labels",

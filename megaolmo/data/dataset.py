@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from megaolmo.data.metadata import METADATA_FILE, read_metadata
+from megaolmo.data.order import build_order, open_order, order_path
 from megaolmo.data.tokenizer import tokenizer_fingerprint as fingerprint_of
 from megaolmo.errors import DataError
 
@@ -151,9 +152,14 @@ class GlobalBatches:
     Step s of epoch e = s // batches_per_epoch takes the next `global_batch_size` instances of
     `global_order(n, seed, e)`; the last partial batch of an epoch is dropped. The state is counted
     in samples (global units), so a run resumed on another data-parallel size continues exactly.
+    With `order_dir`, each epoch's order is read from a memory-mapped file there (megaolmo.data.order)
+    instead of a whole permutation in every rank's memory: the same order, 12 GB fewer per rank at
+    1.5 B instances.
     """
 
-    def __init__(self, dataset: MemmapDataset, global_batch_size: int, seed: int) -> None:
+    def __init__(
+        self, dataset: MemmapDataset, global_batch_size: int, seed: int, *, order_dir: Path | None = None
+    ) -> None:
         if not isinstance(global_batch_size, int) or global_batch_size < 1:
             raise DataError(f"global_batch_size={global_batch_size!r} must be a positive integer")
         self.dataset = dataset
@@ -165,6 +171,7 @@ class GlobalBatches:
                 f"data has {len(dataset)} instances of {dataset.seq_len} tokens, fewer than one global batch of "
                 f"{global_batch_size}; add data or shrink the batch or the sequence length"
             )
+        self.order_dir = None if order_dir is None else Path(order_dir)
         self.samples_seen = 0
         self._epoch: int | None = None
         self._order: np.ndarray | None = None
@@ -176,18 +183,37 @@ class GlobalBatches:
 
     @property
     def epoch(self) -> int:
-        return self.step // self.batches_per_epoch
+        return self.epoch_of(self.step)
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch that global step `step` reads from."""
+        return step // self.batches_per_epoch
+
+    def prepare_order(self, epoch: int) -> Path | None:
+        """Build epoch `epoch`'s order file in `order_dir` unless it is there; None without `order_dir`.
+
+        A coordinator calls this on one process before the others read the epoch, so the order is
+        built once, not once per rank; `indices` builds a missing file itself, so skipping it stays correct.
+        """
+        if self.order_dir is None:
+            return None
+        path = order_path(self.order_dir, len(self.dataset), self.seed, epoch)
+        return path if path.is_file() else build_order(self.order_dir, len(self.dataset), self.seed, epoch)
 
     def indices(self, step: int) -> np.ndarray:
-        """Dataset indices of global batch `step`."""
+        """Dataset indices of global batch `step`: a small int64 copy, never a view of the whole order."""
         if step < 0:
             raise DataError(f"step {step} must be >= 0")
         epoch, position = divmod(step, self.batches_per_epoch)
         if epoch != self._epoch:
-            self._order = global_order(len(self.dataset), self.seed, epoch)
+            if self.order_dir is None:
+                self._order = global_order(len(self.dataset), self.seed, epoch)
+            else:
+                self.prepare_order(epoch)
+                self._order = open_order(self.order_dir, len(self.dataset), self.seed, epoch)
             self._epoch = epoch
         size = self.global_batch_size
-        return self._order[position * size : (position + 1) * size]
+        return self._order[position * size : (position + 1) * size].astype(np.int64)
 
     def batch(self, step: int, dp_rank: int = 0, dp: int = 1) -> torch.Tensor:
         """Global batch `step` as int64 [B, L]; with dp > 1, only rows of `dp_share` (and only those are read).

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megaolmo.config import Config, ResolvedRun
@@ -65,12 +66,20 @@ def train_step(
     return losses, grad_norm, finite
 
 
+def prepare_data_order(batches: GlobalBatches, step: int) -> None:
+    """Rank 0 builds the order of `step`'s epoch before any rank reads it: once per job, not once per rank."""
+    if is_rank_zero():
+        batches.prepare_order(batches.epoch_of(step))
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
     """Train to `trainer.stop_at` or `max_steps`; True when a stop signal ended the run early, after a checkpoint."""
     trainer, run_dir = config.trainer, Path(config.trainer.run_dir)
     data = DataSources(config.data, seq_len=run.seq_len, vocab_size=run.model.vocab_size, progress=is_rank_zero())
     evaluator = build_evaluator(config, data)
-    batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed)
+    batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed, order_dir=run_dir / "data_order")
     init_distributed(device_type(config.parallel))
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
     model = ParallelOLMo(run.model, config.parallel, seed=trainer.seed, param_dtype=param_dtype,
@@ -92,6 +101,8 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
     step_flops = flops_per_token(run.model, run.seq_len) * tokens_per_step
     skipped = 0
     for step in range(start_step, stop):
+        if step == start_step or step % batches.batches_per_epoch == 0:
+            prepare_data_order(batches, step)
         start = time.perf_counter()
         batch = batches.batch(step, model.mesh.dp_rank, run.dp)  # this rank's rows of global batch `step`
         losses, grad_norm, applied = train_step(model, optimizer, batch, config=config, step=step)
