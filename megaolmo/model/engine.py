@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
@@ -200,19 +201,22 @@ class ParallelOLMo:
     @torch.no_grad()
     def row_losses(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
         """Summed cross entropy of each row of this DP rank's share [B / dp, s] (CPU, on every rank of the
-        share's TP x PP group). Forward only."""
+        share's TP x PP group). Forward only; every FSDP unit is sharded again afterwards (`reshard`)."""
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
         input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
         self.losses.begin(normalizer=1)
-        if self.parallel.pp == 1:
-            (stage,) = self.stages
-            for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
-                with self._autocast():
-                    self.losses(stage(ids), target)
-        else:
-            schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
-            args, kwargs = self._pipeline_args(input_ids, labels)
-            schedule.eval(*args, **kwargs)
+        try:
+            if self.parallel.pp == 1:
+                (stage,) = self.stages
+                for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
+                    with self._autocast():
+                        self.losses(stage(ids), target)
+            else:
+                schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
+                args, kwargs = self._pipeline_args(input_ids, labels)
+                schedule.eval(*args, **kwargs)
+        finally:
+            self.reshard()
         rows = self.losses.row_sums(len(input_ids), self.mesh.device)
         if self.mesh.pp_group is not None:
             dist.all_reduce(rows, group=self.mesh.pp_group)  # only the last stage computed them
@@ -233,12 +237,34 @@ class ParallelOLMo:
         enabled = self.mesh.dp_mesh is None and self.param_dtype != torch.float32
         return torch.autocast(self.mesh.device.type, dtype=self.param_dtype, enabled=enabled)
 
+    def reshard(self) -> None:
+        """Shard every FSDP unit again: free its gathered copy and put back the fp32 shards the optimizer holds.
+
+        Under ZeRO-2 only a backward reshards a unit, so after a forward-only pass `named_parameters()` would
+        yield the gathered compute-dtype copies, and a checkpoint written then would save them. (torch's
+        pipeline schedules reshard at the end of `eval` as it happens; called after every forward-only pass,
+        this makes it the engine's guarantee.) The next forward gathers again.
+        """
+        for stage in self.stages:
+            for module in stage.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def _accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> None:
+        """Gradient accumulation without PP: under FSDP, gradients reduce-scatter once, after the last
+        micro-batch; ZeRO-2 also keeps its gathered weights from one micro-batch to the next, so each unit
+        all-gathers once per step, not once per micro-batch. ZeRO-3 still reshards after each forward and
+        backward (keeping the weights would give up the memory it is chosen for)."""
         (stage,) = self.stages
         chunks = list(zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)))
+        keep_gathered = not self.parallel.reshard_after_forward
         for i, (ids, target) in enumerate(chunks):
             if self.mesh.dp_mesh is not None:
-                stage.set_requires_gradient_sync(i == len(chunks) - 1)  # reduce-scatter once, after the last
+                # Set on every micro-batch, so a step that failed half-way leaves the next one nothing to undo.
+                last = i == len(chunks) - 1
+                stage.set_requires_gradient_sync(last)
+                if keep_gathered:
+                    stage.set_reshard_after_backward(last)
             with self._autocast():
                 loss = self.losses(stage(ids), target)
             loss.backward()

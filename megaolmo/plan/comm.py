@@ -81,20 +81,22 @@ def pp_bytes_per_microbatch(placement: Placement) -> float:
     return 2 * layout.vp * shard
 
 
-def dp_gathers_per_step(placement: Placement, rank: PipelineRank) -> tuple[float, float]:
-    """How often per step FSDP all-gathers (the blocks, the root unit) of this rank.
+def dp_gathers_per_step(placement: Placement) -> tuple[float, float]:
+    """How often per step FSDP all-gathers each block and the root unit of a rank (tests/test_zero2.py counts).
 
-    ZeRO-3 gathers the blocks in forward and again in backward, the root unit once per micro-batch; with
-    pipelining, a backward leaves its units gathered for the next forward, which reshards them after use.
-    ZeRO-2 gathers once per micro-batch (pp = 1: resharded after each backward) or once per step (pp > 1).
+    ZeRO-2 gathers each unit once per step: without PP the engine keeps the gathered weights from one
+    micro-batch to the next (set_reshard_after_backward), and torch pipelining keeps them until its final
+    reduce. ZeRO-3 reshards each unit after its forward, the root too (data_parallel.py passes
+    reshard_after_forward=True explicitly, which overrides FSDP's default of keeping the root), and without
+    PP also after each backward: two gathers per micro-batch. Under torch pipelining a backward leaves its
+    units gathered until the next forward has used them, so the first forward gathers and so does whatever
+    follows each forward (a forward or a backward): m + 1 per step, whatever the schedule.
     """
     layout, m = placement.layout, placement.n_microbatches
-    in_flight, chunks = placement.microbatches_in_flight(rank)
-    if layout.pp == 1:
-        return (2 * m if layout.reshard_after_forward else m), m
-    if layout.reshard_after_forward:
-        return chunks / layout.vp + in_flight / layout.vp, 1
-    return 1, 1
+    if not layout.reshard_after_forward:
+        return 1, 1
+    passes = 2 * m if layout.pp == 1 else m + 1
+    return passes, passes
 
 
 def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traffic]:
@@ -119,7 +121,7 @@ def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traf
         ),
     ]
     if dp > 1:
-        block_gathers, root_gathers = dp_gathers_per_step(placement, rank)
+        block_gathers, root_gathers = dp_gathers_per_step(placement)
         blocks = rank.layers * placement.block_params
         gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank)) * compute * ring(dp)
         precision = "bf16" if placement.work.bf16 else "fp32"

@@ -21,7 +21,8 @@ Weights, gradients and optimizer states follow FSDP2 as
 torch.distributed.fsdp._fully_shard does it, in every multi-rank run (over a
 DP mesh of one rank when dp == 1): fp32 master weights, states and reduced
 gradients sharded over DP; copies in the compute dtype gathered per block (all
-kept from forward to backward with reshard_after_forward=False); with gradient
+kept for the whole step with reshard_after_forward=False: from forward to
+backward, and from one micro-batch to the next); with gradient
 accumulation an unsharded fp32 accumulated gradient per parameter; and under
 torch.distributed.pipelining (pp > 1) no reduce-scatter until the last
 micro-batch. One process has no FSDP: fp32 weights and gradients, and
@@ -185,7 +186,7 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     precision = "bf16" if work.bf16 else "fp32"
     if placement.fsdp:
         # ZeRO-3: the root unit, the running block and (dp > 1) the prefetched one, whose all-gather output is
-        # allocated when it is issued; ZeRO-2 keeps every unit gathered from forward to backward.
+        # allocated when it is issued; ZeRO-2 keeps every unit gathered for the whole step.
         blocks = 2 if layout.dp > 1 else 1
         if layout.reshard_after_forward:
             gathered_key = f"gathered {precision} weights (ZeRO-3: root + {blocks} block{'s' if blocks > 1 else ''})"

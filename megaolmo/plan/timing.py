@@ -148,7 +148,7 @@ def _exposed(placement: Placement, rank: PipelineRank, hw: Hardware, flows: list
     exposed = {}
     flow = {f.kind: f for f in flows}
     if "dp_gather" in flow:
-        passes, _ = dp_gathers_per_step(placement, rank)
+        passes, _ = dp_gathers_per_step(placement)
         block = compute * placement.block_params * ring(layout.dp) / flow["dp_gather"].bytes_per_second
         exposed["DP all-gather"] = max(passes * block, flow["dp_gather"].seconds - busy)
     if "dp_scatter" in flow:
