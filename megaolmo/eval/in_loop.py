@@ -94,8 +94,9 @@ def parallel_scorer(model: ParallelOLMo, micro_batch_size: int, pad_id: int):
         for ids, targets, real in chunks:
             losses = model.row_losses(ids, targets, micro_batch_size)
             if model.mesh.dp_group is not None:
-                gathered = [torch.empty_like(losses) for _ in range(model.mesh.dp)]
-                dist.all_gather(gathered, losses.to(model.mesh.device), group=model.mesh.dp_group)
+                local = losses.to(model.mesh.device)  # inputs and outputs on the mesh's device (NCCL)
+                gathered = [torch.empty_like(local) for _ in range(model.mesh.dp)]
+                dist.all_gather(gathered, local, group=model.mesh.dp_group)
                 losses = torch.cat([t.cpu() for t in gathered])
             scores += [-float(loss) for loss in losses[:real].double()]
         return scores

@@ -23,9 +23,11 @@ def clip_grad_norm_(
     local shards are summed over the whole world. `replicas` (a tied head's copy
     of the embedding) are scaled alike but not counted. `max_norm=None` only measures.
     """
+    parameters = list(parameters)
     grads = [_local(p.grad) for p in parameters if p.grad is not None]
     replica_grads = [_local(p.grad) for p in replicas if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
+    # On the parameters' device even where no gradient is: the all-reduce below must run on it (NCCL).
+    device = _local(parameters[0]).device if parameters else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     for grad in grads:
         total += grad.float().pow(2).sum()

@@ -6,6 +6,7 @@ import datetime
 import os
 import subprocess
 
+import torch
 import torch.distributed as dist
 
 
@@ -39,13 +40,22 @@ def export_slurm_environment() -> None:
 
 
 def init_distributed(device_type: str) -> bool:
-    """Initialize the default process group when launched with more than one rank; NCCL on CUDA, gloo on CPU."""
-    if launch_world_size() == 1:
+    """Initialize the default process group when launched with more than one rank, or by torchrun (even for
+    one rank: `torchrun --nproc-per-node 1` runs the distributed code path, NCCL and FSDP, on one GPU);
+    NCCL on CUDA, gloo on CPU."""
+    if launch_world_size() == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     if "WORLD_SIZE" not in os.environ:
         export_slurm_environment()
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    if device_type != "cuda":
+        dist.init_process_group("gloo", timeout=timeout)
+        return True
+    # Bound to this rank's GPU from the start, so that every collective, barriers and object
+    # collectives included, runs on it (torchrun numbers one GPU per local rank).
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=timeout, device_id=device)
     return True
 
 
