@@ -55,9 +55,12 @@ def test_stop_at_and_resume_are_bitwise_exact(dataset, straight: list[float], tm
 
 @pytest.fixture(scope="module")
 def tp2_pp2_dp2_run(dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two steps under tp2_pp2_dp2, checkpointed at step 2 (8 ranks: started once for the tests below)."""
+    """Two steps under tp2_pp2_dp2 with ZeRO-2, evaluated and then checkpointed at step 2, as the recipes
+    do (8 ranks: started once for the tests below)."""
     run_dir = tmp_path_factory.mktemp("tp2_pp2_dp2") / "run"
-    result = run(dataset, run_dir, "parallel=tp2_pp2_dp2", "trainer.stop_at=2", ranks=8)
+    zero2_eval = ["parallel=tp2_pp2_dp2", "parallel.reshard_after_forward=false", "trainer.eval_interval=2"]
+    result = train([*TINY, "trainer.max_steps=6", *data_args(dataset), *zero2_eval, "trainer.stop_at=2"], run_dir,
+                   ranks=8)  # fmt: skip
     assert_ok(result)
     return run_dir
 

@@ -20,6 +20,8 @@ import pytest
 from helpers import assert_ok
 from training_run import TINY, data_args
 
+from megaolmo.checkpoint.sharded import MANIFEST_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 STEPS = 8
@@ -116,7 +118,7 @@ def test_recipe_trains_tp2_pp2_dp2_on_slurm(straight_run: tuple[Path, dict[str, 
     assert "8 ranks on 1 node(s)" in log
     run_dir = runs / "straight"
     assert sorted(step_losses(run_dir)) == list(range(1, STEPS + 1))
-    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "final" / MANIFEST_FILE).is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 

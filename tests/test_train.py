@@ -9,6 +9,8 @@ import pytest
 from helpers import assert_ok
 from training_run import TINY, VOCAB, data_args, losses, train
 
+from megaolmo.checkpoint.sharded import MANIFEST_FILE
+
 
 def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:
     tasks = [f"trainer.downstream_tasks=[{dataset['task']}]"]
@@ -27,7 +29,7 @@ def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: 
         assert {"lr", "grad_norm", "tokens", "tokens_per_second", "mfu", "eval/valid_web/bits_per_byte"} <= set(step5)
         evals.append({k: v for k, v in step5.items() if k.startswith("eval/")})
         assert (tmp_path / run / "loss.png").stat().st_size > 0
-        assert (tmp_path / run / "final" / "model.safetensors").is_file()
+        assert (tmp_path / run / "final" / MANIFEST_FILE).is_file()
     # The held-out loss and the downstream accuracy (the same evaluators) agree across layouts too.
     assert evals[0].keys() == evals[1].keys() and "eval/downstream/synthetic/accuracy" in evals[0]
     for key, value in evals[0].items():

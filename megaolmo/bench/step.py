@@ -79,7 +79,7 @@ def transformers_step(model: ParallelOLMo, dtype: torch.dtype, ids: torch.Tensor
     hf_config = config_to_hf(config, torch.float32)
     hf_config.pop("torch_dtype")
     hf = transformers.OlmoForCausalLM(transformers.OlmoConfig(**hf_config)).to(model.mesh.device)
-    hf.load_state_dict(state_to_hf(config, model.consolidated_state()), strict=False)
+    hf.load_state_dict(state_to_hf(config, model.full_tensors()), strict=False)
     optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=model.mesh.device.type == "cuda")
     ids = ids.to(model.mesh.device)
     labels = torch.roll(ids, -1, dims=1)

@@ -1,48 +1,54 @@
 """Sharded training checkpoints: any layout saves, any layout resumes, nothing is ever half-written.
 
-Each parameter (and its AdamW moments) is saved with `torch.distributed.checkpoint`
-as one logical tensor in a canonical layout: fused blocks (q/k/v, up/gate) are
-interleaved so that every valid tensor-parallel degree's shard is one contiguous
-range, and each rank writes its TP slice as a DTensor. DCP can then reshard to
-any TP x PP x DP layout on load, and one CPU process can read the whole model.
+Each parameter and AdamW moment is saved with `torch.distributed.checkpoint` as
+the unsharded model's tensor (the one a single process has). Each rank writes
+its own share, straight from its storage, and reads back only the saved chunks
+that overlap its share, straight into it (shares.py, dcp_io.py): a save or a
+resume never gathers a tensor, and DCP reshards to any TP x PP x DP layout.
 
     <run_dir>/checkpoints/step000100/   .metadata, __<rank>_0.distcp, trainer_state.json, manifest.json
     <run_dir>/checkpoints/latest        the name of the newest complete checkpoint
+    <run_dir>/final/                    the finished run's weights, the same format without optimizer state
 
-A checkpoint is written into `.step000100.tmp` and renamed when every rank has
-finished and the manifest (size and sha256 of every file) is written; `latest`
-moves only after that. Loading checks the manifest first, so a truncated,
-corrupted or missing file is refused, never silently read.
+A checkpoint is written into `.step000100.tmp` and renamed once every rank has
+finished and the manifest (the size and sha256 of every file and of every item
+in it, hashed as it was written) is in; `latest` moves only after that. On
+resume each rank checks every item it reads against its digest as it reads it,
+and the verdicts are combined, so a truncated, corrupted or missing file is
+refused, never silently used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megaolmo.checkpoint.dcp_io import Entry, HashingWriter, ShareSavePlanner, VerifyingReader, read_entries
+from megaolmo.checkpoint.shares import Share, share_of, whole
 from megaolmo.config import ModelConfig
 from megaolmo.errors import CheckpointError
-from megaolmo.model import build_model
 from megaolmo.model.fp8 import load_scaling_states, scaling_states
-from megaolmo.parallel import ColumnParallelLinear, tensor_parallel_layers
+from megaolmo.parallel import tensor_parallel_layers
 
 SHARDED_FORMAT = "megaolmo-sharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors as the unsharded model has them (1 interleaved fused blocks)
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+WEIGHTS_ONLY = "weights"  # trainer_state["contents"] of final weights, which hold no optimizer state
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Fields that change how the model computes, not the weights it has: free to differ on resume.
 RUNTIME_FIELDS = ("attention", "kernels", "linear", "embedding_size")
@@ -73,56 +79,41 @@ def checkpoint_name(step: int) -> str:
     return f"step{step:06d}"
 
 
-def _canonical(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    return layer.to_canonical(tensor) if isinstance(layer, ColumnParallelLinear) else tensor
-
-
-def _from_canonical(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    return layer.from_canonical(tensor) if isinstance(layer, ColumnParallelLinear) else tensor
-
-
-def _tp_mesh(model):
-    mesh = model.mesh.device_mesh
-    return None if mesh is None or model.mesh.tp == 1 else mesh["tp"]
-
-
-def _as_saved(local: torch.Tensor, layer: nn.Module, tp_mesh) -> torch.Tensor:
-    """This rank's canonical TP slice as a DTensor over the TP mesh (a plain tensor without TP)."""
-    canonical = _canonical(layer, local)
-    if tp_mesh is None:
-        return canonical
-    return DTensor.from_local(canonical, tp_mesh, [Shard(layer.tp_dim)], run_check=False)
-
-
 def _entries(model, include_replica: bool):
-    """(key prefix, parameter, owning TP layer) for every parameter this rank holds."""
+    """(name, parameter, owning TP layer or None) for every parameter this rank holds."""
     for stage in model.stages:
         owners = tensor_parallel_layers(stage)
         for name, param in stage.named_parameters():
             if param is model.tied_replica and not include_replica:
                 continue
-            yield name, param, owners[name]
+            yield name, param, owners.get(name)
 
 
-def _unsharded_over_dp(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def model_entries(model, *, include_replica: bool = False) -> dict[str, Entry]:
+    """This rank's shares of the model's parameters (the fp32 master weights under FSDP)."""
+    return {
+        f"model/{name}": share_of(param.detach(), layer)
+        for name, param, layer in _entries(model, include_replica=include_replica)
+    }
 
 
-def training_state_dict(model, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """What this rank contributes to a checkpoint: parameters and AdamW state, canonical and TP-sharded."""
-    tp_mesh = _tp_mesh(model)
-    state: dict[str, torch.Tensor] = {}
+def training_entries(model, optimizer: torch.optim.Optimizer) -> dict[str, Entry]:
+    """What this rank contributes to a training checkpoint: its shares of the parameters and AdamW state."""
+    entries = model_entries(model)
     for name, param, layer in _entries(model, include_replica=False):
-        state[f"model/{name}"] = _as_saved(_unsharded_over_dp(param.detach()), layer, tp_mesh)
         moments = optimizer.state.get(param, {})
         for moment in ADAM_MOMENTS:
             if moment in moments:
-                state[f"optim/{name}/{moment}"] = _as_saved(_unsharded_over_dp(moments[moment]), layer, tp_mesh)
+                entries[f"optim/{name}/{moment}"] = share_of(moments[moment], layer)
         if "step" in moments:
-            state[f"optim/{name}/step"] = moments["step"].detach().clone().cpu()
+            entries[f"optim/{name}/step"] = whole(moments["step"].detach().cpu())
     for stage in model.stages:
-        state.update({f"fp8/{name}": buffer for name, buffer in scaling_states(stage).items()})
-    return state
+        entries.update({f"fp8/{name}": buffer for name, buffer in scaling_states(stage).items()})
+    return entries
+
+
+def _digest(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _file_digest(path: Path) -> dict:
@@ -141,6 +132,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_durably(path: Path, data: bytes) -> dict:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return _digest(data)
+
+
+def _agree_on_failure(error: BaseException | None, device: torch.device) -> str | None:
+    """The first failure any rank had (its one-line reason), or None: one flag all-reduced on `device`."""
+    if not _distributed():
+        return _reason(error) if error else None
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed)
+    if not failed.item():
+        return None
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, _reason(error) if error else None)  # short strings only
+    rank, reason = next((r, text) for r, text in enumerate(reasons) if text)
+    return reason if rank == _rank() else f"on rank {rank}: {reason}"
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, CheckpointError):
+        return str(error)
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def write_checkpoint(final: Path, entries: dict[str, Entry], *, trainer_state: dict, config: ModelConfig,
+                     device: torch.device, on_commit: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    """Write `entries` (every rank its own) as the checkpoint `final`, committed atomically, then call
+    `on_commit` on rank 0. Collective.
+
+    Each phase ends with every rank agreeing whether any rank failed, so a failure on one rank (a full
+    disk, a run directory that is not shared) stops every rank at the same point with the same error.
+    """
+    tmp = final.parent / f".{final.name}.tmp"
+    writer = HashingWriter(tmp)
+
+    def make_tmp() -> None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def see_tmp() -> None:
+        if not tmp.is_dir():
+            raise CheckpointError(
+                f"{tmp} is not visible on rank {_rank()}; put trainer.run_dir on a shared file system"
+            )
+
+    def save() -> None:
+        with _single_process_is_intended():
+            dcp.save(entries, storage_writer=writer, planner=ShareSavePlanner(), no_dist=not _distributed())
+
+    def commit() -> None:
+        gathered = [None] * dist.get_world_size() if _distributed() and _rank() == 0 else [writer.digests]
+        if _distributed():
+            dist.gather_object(writer.digests, gathered if _rank() == 0 else None, dst=0)  # sizes and sha256s
+        if _rank() == 0:
+            _commit(tmp, final, gathered=gathered, trainer_state=trainer_state, config=config)
+            on_commit()
+
+    for phase in (make_tmp, see_tmp, save, commit):
+        error = None
+        try:
+            phase()
+        except (OSError, RuntimeError, CheckpointException, CheckpointError) as err:
+            error = err  # torch's writers report some I/O failures as RuntimeError
+        reason = _agree_on_failure(error, device)
+        if reason is not None:
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            raise CheckpointError(f"saving checkpoint {final.name} failed ({reason}); the previous one is untouched")
+
+
 def save_sharded(
     directory: Path,
     step: int,
@@ -153,49 +221,34 @@ def save_sharded(
 ) -> Path:
     """Write the checkpoint of `step` under `directory` (collective); returns its path once committed."""
     final = directory / checkpoint_name(step)
-    tmp = directory / f".{final.name}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    failed, error, digests = torch.zeros(1), None, {}
-    try:
-        with _single_process_is_intended():
-            dcp.save(training_state_dict(model, optimizer), checkpoint_id=str(tmp), no_dist=not _distributed())
-        mine = sorted(p.name for p in tmp.iterdir() if p.name.startswith(f"__{_rank()}_"))
-        digests = {name: _file_digest(tmp / name) for name in mine}
-    except (OSError, RuntimeError, CheckpointException) as err:  # a full disk, a quota, a vanished mount;
-        failed[0], error = 1.0, err  # torch's writers report some of those as RuntimeError
-    if _distributed():
-        dist.all_reduce(failed)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, digests)
-    else:
-        gathered = [digests]
-    if failed.item():
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "on another rank"
-        raise CheckpointError(f"saving checkpoint {final.name} failed ({reason}); the previous one is untouched")
-    if _rank() == 0:
-        _commit(tmp, final, gathered=gathered, trainer_state=trainer_state, config=model.config)
+    model.reshard()  # the fp32 shards the optimizer holds, whatever a forward-only pass left gathered
+
+    def point_latest_and_prune() -> None:
         _update_latest(directory, final.name)
         _apply_retention(directory, keep_last, keep_every)
-    _barrier()
+
+    write_checkpoint(final, training_entries(model, optimizer), trainer_state=trainer_state, config=model.config,
+                     device=model.mesh.device, on_commit=point_latest_and_prune)  # fmt: skip
     return final
+
+
+def save_final_weights(path: Path, model, *, step: int) -> Path:
+    """The finished run's weights (fp32 masters, no optimizer state) as a sharded checkpoint. Collective.
+
+    Every rank writes its own share, as for a training checkpoint: nothing is gathered on one rank.
+    """
+    model.reshard()  # the fp32 shards the optimizer holds, whatever a forward-only pass left gathered
+    write_checkpoint(path, model_entries(model), trainer_state={"step": step, "contents": WEIGHTS_ONLY},
+                     config=model.config, device=model.mesh.device)  # fmt: skip
+    return path
 
 
 def _commit(tmp: Path, final: Path, *, gathered: list[dict], trainer_state: dict, config: ModelConfig) -> None:
     files = {name: digest for part in gathered for name, digest in part.items()}
-    files[".metadata"] = _file_digest(tmp / ".metadata")
     state = {"format": SHARDED_FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(), **trainer_state}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    files[STATE_FILE] = _file_digest(tmp / STATE_FILE)
-    (tmp / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2) + "\n")
-    for path in tmp.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    files[STATE_FILE] = _write_durably(tmp / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+    _write_durably(tmp / MANIFEST_FILE, (json.dumps({"files": files}, indent=2) + "\n").encode())
+    _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier, abandoned leg of this run
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -219,30 +272,6 @@ def _apply_retention(directory: Path, keep_last: int, keep_every: int | None) ->
     for step in steps:
         if step not in keep:
             shutil.rmtree(directory / checkpoint_name(step), ignore_errors=True)
-
-
-def verify(path: Path) -> dict:
-    """The trainer state of a complete, undamaged checkpoint; CheckpointError in one line otherwise."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise CheckpointError(f"{path} is incomplete (no {MANIFEST_FILE}); resume from an earlier checkpoint")
-    files = json.loads(manifest_file.read_text())["files"]
-    for name, expected in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing; the checkpoint cannot be loaded")
-        if file.stat().st_size != expected["bytes"]:
-            raise CheckpointError(
-                f"{path}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
-            )
-        if _file_digest(file)["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (corrupted)")
-    state = json.loads((path / STATE_FILE).read_text())
-    if state.get("format") != SHARDED_FORMAT or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a megaolmo sharded checkpoint of format version {FORMAT_VERSION}")
-    return state
 
 
 def remove_incomplete(directory: Path) -> None:
@@ -280,78 +309,162 @@ def check_same_model(saved: dict, config: ModelConfig, path: Path) -> None:
         )
 
 
-def _restore(target: torch.Tensor, canonical: torch.Tensor, layer: nn.Module) -> None:
-    """Copy a loaded canonical TP slice into a parameter or moment (an FSDP DTensor, or a plain tensor)."""
-    local = _from_canonical(layer, canonical.to_local() if isinstance(canonical, DTensor) else canonical)
-    if isinstance(target, DTensor):
-        shard = distribute_tensor(local, target.device_mesh, target.placements, src_data_rank=None)
-        target.to_local().copy_(shard.to_local())
-    else:
-        target.copy_(local)
+def _read_state(path: Path) -> tuple[dict, dict]:
+    """The manifest's files and the trainer state of a complete checkpoint (small JSON files, on every rank)."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} is incomplete (no {MANIFEST_FILE}); resume from an earlier checkpoint")
+    files = json.loads(manifest_file.read_text())["files"]
+    _check_file(path, STATE_FILE, files)
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("format") != SHARDED_FORMAT or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a megaolmo sharded checkpoint of format version {FORMAT_VERSION} "
+            f"(format {state.get('format')!r}, version {state.get('format_version')!r})"
+        )
+    return files, state
 
 
-def _verified_once(path: Path) -> dict:
-    """`verify` on rank 0 only (it reads and hashes every file), its verdict shared with every rank."""
-    if not _distributed():
-        return verify(path)
-    verdict: list = [None]
-    if _rank() == 0:
+def _check_file(path: Path, name: str, files: dict) -> int:
+    """Size and sha256 of one file against the manifest; returns the bytes hashed."""
+    if name not in files:
+        raise CheckpointError(f"{path}: {name} is not in the manifest; the checkpoint cannot be loaded")
+    file, expected = path / name, files[name]
+    if not file.is_file():
+        raise CheckpointError(f"{path}: {name} is missing; the checkpoint cannot be loaded")
+    if file.stat().st_size != expected["bytes"]:
+        raise CheckpointError(
+            f"{path}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+        )
+    if _file_digest(file)["sha256"] != expected["sha256"]:
+        raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (corrupted)")
+    return expected["bytes"]
+
+
+def _check_sizes(path: Path, files: dict) -> None:
+    """Every file of the manifest is there with its size (a cheap stat); the bytes are checked as they are read."""
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing; the checkpoint cannot be loaded")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointError(
+                f"{path}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+            )
+
+
+def _check_entries(path: Path, entries: dict[str, Entry], metadata) -> None:
+    """Every entry this rank loads is in the checkpoint, with the shape this model gives it."""
+    stored = metadata.state_dict_metadata
+    for key, entry in entries.items():
+        if key not in stored:
+            what = "optimizer state" if key.startswith("optim/") else "tensor"
+            raise CheckpointError(f"{path} has no {what} {key}; it was saved from another model or without it")
+        saved = stored[key]
+        if isinstance(entry, Share) and isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != entry.shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(saved.size)} but this model's is {entry.shape}")
+
+
+def _open(path: Path) -> tuple[dict, VerifyingReader, object]:
+    """The trainer state, a reader checking every item against the manifest, and DCP's metadata, once the
+    small files match their digests and every file its size."""
+    files, state = _read_state(path)
+    _check_sizes(path, files)
+    _check_file(path, ".metadata", files)
+    reader = VerifyingReader(path, files)
+    return state, reader, reader.read_metadata()
+
+
+def _load_entries(path: Path, entries: dict[str, Entry], *, device: torch.device,
+                  accept: Callable[[dict], None]) -> dict:  # fmt: skip
+    """Fill this rank's `entries` from the checkpoint at `path`, once `accept(trainer state)` has passed;
+    returns the trainer state.
+
+    Every rank reads only the saved chunks that overlap its share, checking each against its sha256 as
+    it reads it (its own files' items when the layout is the one that saved); one flag per phase tells
+    every rank whether any failed.
+    """
+    opened: list = []
+
+    def check() -> None:
+        opened.extend(_open(path))
+        accept(opened[0])
+        _check_entries(path, entries, opened[2])
+
+    def load() -> None:
+        read_entries(opened[1], opened[2], entries)
+
+    for phase in (check, load):
+        error = None
         try:
-            verdict[0] = verify(path)
-        except CheckpointError as err:
-            verdict[0] = str(err)
-    dist.broadcast_object_list(verdict, src=0)
-    if isinstance(verdict[0], str):
-        raise CheckpointError(verdict[0])
-    return verdict[0]
+            phase()
+        except (OSError, RuntimeError, ValueError, KeyError, CheckpointError) as err:
+            error = err  # (ValueError, KeyError: a damaged metadata file that still matched its digest)
+        reason = _agree_on_failure(error, device)
+        if reason is not None:
+            raise CheckpointError(reason if isinstance(error, CheckpointError) else f"loading {path} failed ({reason})")
+    return opened[0]
 
 
 @torch.no_grad()
 def restore_sharded(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
     """Load a checkpoint (saved at any layout) into this layout's model and optimizer; returns its state."""
-    state = _verified_once(path)
-    check_same_model(state["model"], model.config, path)
-    tp_mesh = _tp_mesh(model)
-    template: dict[str, torch.Tensor] = {}
-    targets = []
+
+    def accept(state: dict) -> None:
+        if state.get("contents") == WEIGHTS_ONLY:
+            raise CheckpointError(
+                f"{path} holds final weights only (no optimizer state); resume from a checkpoint under checkpoints/"
+            )
+        check_same_model(state["model"], model.config, path)
+
+    model.reshard()  # the fp32 shards the optimizer holds, whatever a forward-only pass left gathered
+    entries = model_entries(model, include_replica=True)
+    steps: dict[str, torch.Tensor] = {}
     for name, param, layer in _entries(model, include_replica=True):
-        device = param.to_local().device if isinstance(param, DTensor) else param.device
-        # Room for this rank's TP slice, whole over DP (a DTensor's shape is that shape).
-        slots = [torch.empty(param.shape, dtype=param.dtype, device=device) for _ in range(1 + len(ADAM_MOMENTS))]
-        template[f"model/{name}"] = _as_saved(slots[0], layer, tp_mesh)
-        targets.append((f"model/{name}", param, layer))
         moments = optimizer.state.setdefault(param, {})
-        for moment, slot in zip(ADAM_MOMENTS, slots[1:]):
+        for moment in ADAM_MOMENTS:
             moments.setdefault(moment, torch.zeros_like(param))
-            template[f"optim/{name}/{moment}"] = _as_saved(slot, layer, tp_mesh)
-            targets.append((f"optim/{name}/{moment}", moments[moment], layer))
-        template[f"optim/{name}/step"] = torch.zeros((), dtype=torch.float32)
-    saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    scaling = {}  # Transformer Engine's FP8 scaling state, when both the checkpoint and this model have it
+            entries[f"optim/{name}/{moment}"] = share_of(moments[moment], layer)
+        steps[name] = torch.zeros((), dtype=torch.float32, device="cpu")
+        entries[f"optim/{name}/step"] = whole(steps[name])
+    scaling: dict[str, io.BytesIO] = {}  # Transformer Engine's FP8 scaling state, when this model has it
     for stage in model.stages:
-        scaling.update({k: v for k, v in scaling_states(stage).items() if f"fp8/{k}" in saved_keys})
-    template.update({f"fp8/{name}": buffer for name, buffer in scaling.items()})
-    with _single_process_is_intended():
-        dcp.load(template, checkpoint_id=str(path), no_dist=not _distributed())
+        scaling.update(scaling_states(stage))
+    entries.update({f"fp8/{name}": buffer for name, buffer in scaling.items()})
+    state = _load_entries(path, entries, device=model.mesh.device, accept=accept)
     for stage in model.stages:
-        load_scaling_states(stage, {name: template[f"fp8/{name}"] for name in scaling})
-    for key, target, layer in targets:
-        _restore(target, template[key], layer)
+        load_scaling_states(stage, scaling)
     for name, param, _ in _entries(model, include_replica=True):
         device = param.device if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable") else "cpu"
-        optimizer.state[param]["step"] = template[f"optim/{name}/step"].clone().to(device)
+        optimizer.state[param]["step"] = steps[name].to(device)
     return state
+
+
+class ShardedTensors:
+    """The model tensors of a sharded checkpoint (any layout wrote it), read one at a time in one process.
+
+    Conversions and evaluation stream through it: reading a tensor holds that tensor only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.state, self._reader, self._metadata = _open(path)
+        self.config = ModelConfig.from_dict(self.state["model"])
+        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            key.removeprefix("model/"): (tuple(md.size), md.properties.dtype)
+            for key, md in self._metadata.state_dict_metadata.items()
+            if key.startswith("model/")
+        }
+
+    def read(self, name: str) -> torch.Tensor:
+        shape, dtype = self.specs[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        read_entries(self._reader, self._metadata, {f"model/{name}": whole(tensor)})
+        return tensor
 
 
 def load_sharded(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The whole model of a sharded checkpoint on one CPU process, whatever layout wrote it."""
-    state = verify(path)
-    config = ModelConfig.from_dict(state["model"])
-    model = build_model(config, device="cpu", init=False)
-    owners = tensor_parallel_layers(model)
-    template = {f"model/{name}": _canonical(owners[name], p.detach().clone()) for name, p in model.named_parameters()}
-    with _single_process_is_intended():
-        dcp.load(template, checkpoint_id=str(path), no_dist=True)
-    return config, {
-        name: _from_canonical(owners[name], template[f"model/{name}"]) for name, _ in model.named_parameters()
-    }
+    tensors = ShardedTensors(path)
+    return tensors.config, {name: tensors.read(name) for name in tensors.specs}

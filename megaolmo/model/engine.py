@@ -283,18 +283,6 @@ class ParallelOLMo:
         replicas = [self.tied_replica] if self.tied_replica is not None else []
         return clip_grad_norm_(counted, max_norm, replicas).item()
 
-    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's unsharded state_dict on global rank 0 (None elsewhere). Collective."""
-        state = self.full_tensors()
-        if not dist.is_initialized():
-            return state
-        representative = self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(state if representative else {}, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        return {name: tensor for part in gathered for name, tensor in part.items()}
-
     @torch.no_grad()
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Unsharded (over TP and DP) parameters or gradients of this rank's stages, by name. Collective."""

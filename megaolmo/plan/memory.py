@@ -30,7 +30,8 @@ autocast's bf16 weight copies.
 
 The peak is the largest of a few moments of the step: the first backward (the
 most micro-batches in flight, no gradients yet), the steady state (gradients
-accumulated too) and the optimizer step (with AdamW's temporaries).
+accumulated too), the optimizer step (with AdamW's temporaries) and a
+checkpoint save or resume (the training state and what DCP reads through).
 """
 
 from __future__ import annotations
@@ -234,7 +235,36 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
         },
     )
     step = Moment("optimizer step", {**persistent, **final, **optimizer_temporaries(placement, rank)})
-    return RankMemory(rank, [first_backward, steady, step], per_layer, in_flight)
+    # A save comes after the step, a resume before the first one: the training state, and on a CPU device the
+    # host memory DCP reads through (on a GPU the shards are written and read in place: nothing extra there).
+    transient = checkpoint_transient(placement, rank) if work.device == "cpu" else 0.0
+    save = Moment("checkpoint save or resume", {**persistent, **final, CHECKPOINT_TRANSIENT: transient})
+    return RankMemory(rank, [first_backward, steady, step, save], per_layer, in_flight)
+
+
+CHECKPOINT_TRANSIENT = "checkpoint transient (a saved chunk: its bytes and its tensor)"
+
+
+def checkpoint_share(placement: Placement, rank: PipelineRank) -> float:
+    """Bytes of the checkpoint this rank writes at a save and reads at a resume: its shards of the fp32
+    weights and of both AdamW moments (sharded checkpoints keep each rank's share, nothing gathered)."""
+    return 3 * FP32 * placement.sharded_params(rank)
+
+
+def checkpoint_transient(placement: Placement, rank: PipelineRank) -> float:
+    """Host memory a save or a resume adds on this rank: DCP reads one saved chunk at a time, its bytes
+    (checked against the manifest's sha256) and the tensor made of them; at the saving layout a chunk is
+    one of the rank's own shards. A save writes straight from the shards."""
+    return 2 * FP32 * _largest_shard(placement, rank)
+
+
+def _largest_shard(placement: Placement, rank: PipelineRank) -> int:
+    """Elements of this rank's largest FSDP shard of one parameter (dim 0 split over DP, rounded up)."""
+    dp = placement.layout.dp
+    shapes = placement.block_param_shapes() if rank.layers else []
+    if rank.embedding_copies or rank.head:
+        shapes.append(placement.embedding_shape)
+    return max(-(-a // dp) * b for a, b in shapes)
 
 
 def _largest_param(placement: Placement) -> int:
@@ -259,10 +289,7 @@ def optimizer_temporaries(placement: Placement, rank: PipelineRank) -> dict[str,
         sharded = placement.sharded_params(rank)
         group = sharded if work.decay_embeddings else max(sharded - embedding, embedding)
         return {"optimizer temporaries (foreach AdamW: a parameter group's sqrt(v))": FP32 * group}
-    shapes = placement.block_param_shapes() if rank.layers else []
-    if rank.embedding_copies or rank.head:
-        shapes.append(placement.embedding_shape)
-    largest = max(-(-a // dp) * b for a, b in shapes)
+    largest = _largest_shard(placement, rank)
     return {"optimizer temporaries (single-tensor AdamW: sqrt(v) and its scaled copy)": 2 * FP32 * largest}
 
 

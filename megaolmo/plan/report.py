@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from megaolmo.plan import Plan
 from megaolmo.plan.hardware import GIB
-from megaolmo.plan.memory import FP32, block_activation_terms, dtype_bytes, logits_bytes
+from megaolmo.plan.memory import (
+    FP32,
+    block_activation_terms,
+    checkpoint_share,
+    checkpoint_transient,
+    dtype_bytes,
+    logits_bytes,
+)
 from megaolmo.tables import format_table as rows_table
 
 MIB = 2**20
@@ -100,6 +107,11 @@ def _memory(plan: Plan) -> list[str]:
         ranks = ", ".join(f"{r.rank.pp_rank}: {r.peak.total / GIB:.1f}" for r in plan.memory)
         lines.append(f"  peak per pipeline rank (GiB): {ranks}")
     lines.append(_in_flight(plan))
+    lines.append(
+        f"  checkpoint: this rank writes and reads {_gib(checkpoint_share(placement, worst.rank)).strip()} (its "
+        f"shards of the fp32 weights and AdamW moments), adding {_gib(checkpoint_transient(placement, worst.rank)).strip()} "
+        "of host memory (one saved chunk at a time) and nothing on the GPU"
+    )
     lines.append(
         f"  last stage: logits {logits_bytes(placement) / MIB:.1f} MiB and the loss's fp32 softmax "
         f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch"

@@ -3,9 +3,9 @@
 Built once per run from `trainer.*`: sharded checkpoints every `save_interval`
 steps and at `stop_at` under <run_dir>/checkpoints/, retention by `keep_last`
 and `keep_every`, the resume point by `resume` (auto, none or a path), and the
-final consolidated weights in <run_dir>/final/. A periodic save that fails (a
-full disk, a quota) warns and training goes on; the save a leg ends on must
-succeed, or the run stops with the error.
+final weights in <run_dir>/final/ (sharded the same way, each rank writing its
+share). A periodic save that fails (a full disk, a quota) warns and training
+goes on; the save a leg ends on must succeed, or the run stops with the error.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megaolmo.checkpoint import restore_sharded, save_consolidated, save_sharded
-from megaolmo.checkpoint.sharded import checkpoint_name, find_resume_point, remove_incomplete
+from megaolmo.checkpoint import restore_sharded, save_sharded
+from megaolmo.checkpoint.sharded import checkpoint_name, find_resume_point, remove_incomplete, save_final_weights
 from megaolmo.config import TrainerConfig
 from megaolmo.data import GlobalBatches
 from megaolmo.errors import CheckpointError
@@ -83,10 +82,7 @@ class Checkpointer:
             if is_rank_zero():
                 print(f"warning: {err}; training goes on", file=sys.stderr)
 
-    def save_final(self, model: ParallelOLMo) -> None:
-        """The consolidated weights of the finished run (megaolmo.load reads them), gathered from every stage."""
-        state = model.consolidated_state()
-        if state is not None:
-            save_consolidated(self.final, model.config, state, overwrite=True)
-        if dist.is_initialized():
-            dist.barrier()
+    def save_final(self, model: ParallelOLMo, step: int) -> None:
+        """The finished run's fp32 weights, each rank writing its share (collective); `megaolmo.load` and
+        `python -m megaolmo.convert` read them."""
+        save_final_weights(self.final, model, step=step)

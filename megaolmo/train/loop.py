@@ -124,7 +124,7 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
                       f"{checkpointer.path(step + 1)}; exit {PREEMPTED_EXIT_CODE} to requeue", error=True)  # fmt: skip
             return True
     if stop == trainer.max_steps:
-        checkpointer.save_final(model)
+        checkpointer.save_final(model, stop)
     if stop == start_step:
         log.close()
         return False
