@@ -1,4 +1,4 @@
-"""`python -m megaolmo.convert` (from-hf, to-hf, from-olmo) and megaolmo's consolidated checkpoints.
+"""`python -m megaolmo.convert` (from-hf, to-hf, from-olmo, consolidate) and megaolmo's consolidated checkpoints.
 
 Every model here is tiny (d_model 64, 2 layers) and random, so the whole file runs in seconds on a CPU.
 Conversions are checked bitwise on the tensors and against transformers' OlmoForCausalLM on the logits.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -25,11 +26,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import megaolmo
-from megaolmo.checkpoint import CheckpointError, load_consolidated, save_consolidated
-from megaolmo.config import ModelConfig
+from megaolmo.checkpoint import CheckpointError, load_consolidated, save_consolidated, write_consolidated
+from megaolmo.checkpoint.consolidated import expected_shapes
+from megaolmo.checkpoint.safetensors_stream import SafetensorsReader, save_file_order, write_safetensors
+from megaolmo.checkpoint.sharded import save_final_weights
+from megaolmo.config import ModelConfig, ParallelConfig
 from megaolmo.convert import __main__ as convert
 from megaolmo.convert import allenai_olmo
 from megaolmo.convert import hf as hf_format
+from megaolmo.model.engine import ParallelOLMo
 
 SEQ = 16
 BATCH = 2
@@ -433,6 +438,193 @@ def test_to_hf_sharded(our_ckpt, tmp_path: Path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# consolidate and to-hf stream: one megaolmo tensor in memory at a time, the same files as in memory
+
+QKV_SPLITTING_SHARD_GB = "0.000013"  # ~13.6 kB: the tiny model's q, k and v fall into different shards
+
+
+def in_memory_hf(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None):
+    """What to-hf wrote before it streamed: state_to_hf of the whole (cast) state, less a tied lm_head."""
+    hf = hf_format.state_to_hf(config, {name: t.to(dtype or t.dtype) for name, t in state.items()})
+    if config.weight_tying:
+        hf.pop("lm_head.weight")
+    return hf
+
+
+def in_memory_weight_map(hf: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[str, str]:
+    """The shards to-hf planned before it streamed: state_to_hf's order, a new shard past max_shard_bytes."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in hf.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return {
+        name: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards) for name in shard
+    }
+
+
+def assert_hf_dir_holds(hf_dir: Path, expected: dict[str, torch.Tensor], shard_gb: str | None) -> None:
+    """`hf_dir` holds exactly `expected`, sharded (and indexed) as the in-memory to-hf did it."""
+    assert_same_state(read_tensors(hf_dir), expected)
+    if shard_gb is None:
+        assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors"]
+        return
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == in_memory_weight_map(expected, int(float(shard_gb) * 2**30))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    for shard in set(index["weight_map"].values()):
+        assert_same_state(
+            load_file(str(hf_dir / shard)), {n: expected[n] for n, f in index["weight_map"].items() if f == shard}
+        )
+    qkv_shards = [{index["weight_map"][f"model.layers.{i}.self_attn.{p}_proj.weight"] for p in "qkv"} for i in range(2)]
+    assert any(len(shards) > 1 for shards in qkv_shards), qkv_shards  # a fused tensor's parts cross shards
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_consolidate_streams_the_file_save_file_writes(our_ckpt, dtype: str | None, tmp_path: Path, capsys):
+    ckpt, model = our_ckpt
+    dst = tmp_path / "ckpt"
+    code, out, err = run_main(capsys, "consolidate", ckpt, dst, *(["--dtype", dtype] if dtype else []))
+    assert (code, out.strip(), err) == (0, f"wrote {dst}", "")
+    state = {name: t.to(convert.DTYPES.get(dtype, t.dtype)) for name, t in model.state_dict().items()}
+    config, loaded = load_consolidated(dst)
+    assert config == model.config
+    assert_same_state(loaded, state)
+    # Byte for byte the file safetensors' save_file makes of the whole state: the one the in-memory writer made.
+    save_file(state, str(tmp_path / "whole.safetensors"), metadata={"format": "pt"})
+    assert (dst / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("shard_gb", [None, QKV_SPLITTING_SHARD_GB])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_to_hf_streams_what_state_to_hf_gives(our_ckpt, dtype: str | None, shard_gb: str | None, tmp_path, capsys):
+    ckpt, model = our_ckpt
+    hf_dir = tmp_path / "hf"
+    argv = [
+        "to-hf",
+        ckpt,
+        hf_dir,
+        *(["--dtype", dtype] if dtype else []),
+        *(["--max-shard-gb", shard_gb] if shard_gb else []),
+    ]
+    code, _, err = run_main(capsys, *argv)
+    assert (code, err) == (0, "")
+    expected = in_memory_hf(model.config, dict(model.state_dict()), convert.DTYPES.get(dtype))
+    assert_hf_dir_holds(hf_dir, expected, shard_gb)
+    hf_json = json.loads((hf_dir / "config.json").read_text())
+    assert hf_json == hf_format.config_to_hf(model.config, convert.DTYPES.get(dtype, torch.float32))
+
+
+@pytest.fixture(scope="module")
+def final_weights(tmp_path_factory) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
+    """A run's final weights, sharded as training writes them, and the model's own unsharded tensors."""
+    model = ParallelOLMo(tiny_config(weight_tying=False), ParallelConfig(), seed=0)
+    path = save_final_weights(tmp_path_factory.mktemp("final") / "weights", model, step=1)
+    return path, model.config, model.full_tensors()
+
+
+def test_consolidate_and_to_hf_stream_sharded_weights(final_weights, tmp_path: Path, capsys):
+    src, config, state = final_weights
+    assert (src / "trainer_state.json").is_file() and not (src / "model.safetensors").exists()
+    for dtype in (None, "bfloat16"):
+        dst = tmp_path / f"ckpt-{dtype}"
+        code, _, err = run_main(capsys, "consolidate", src, dst, *(["--dtype", dtype] if dtype else []))
+        assert (code, err) == (0, "")
+        loaded_config, loaded = load_consolidated(dst)
+        assert loaded_config == config
+        assert_same_state(loaded, {name: t.to(convert.DTYPES.get(dtype, t.dtype)) for name, t in state.items()})
+
+    hf_dir = tmp_path / "hf"
+    code, _, err = run_main(
+        capsys, "to-hf", src, hf_dir, "--dtype", "bfloat16", "--max-shard-gb", QKV_SPLITTING_SHARD_GB
+    )
+    assert (code, err) == (0, "")
+    assert_hf_dir_holds(hf_dir, in_memory_hf(config, state, torch.bfloat16), QKV_SPLITTING_SHARD_GB)
+    # The same directory, byte for byte, whether to-hf reads the sharded weights or their consolidation.
+    again = tmp_path / "hf-again"
+    assert convert.main(["to-hf", str(tmp_path / "ckpt-None"), str(again), "--dtype", "bfloat16",
+                         "--max-shard-gb", QKV_SPLITTING_SHARD_GB]) == 0  # fmt: skip
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+
+
+# Conversions in a fresh interpreter: prints, as JSON, the peak resident memory each added, in bytes. Each runs
+# twice and the second run is measured: the first pages in the code it runs, which RSS counts as well.
+MEMORY_PROBE = """
+import json, sys
+from pathlib import Path
+from megaolmo.checkpoint import load_state_dict, save_consolidated
+from megaolmo.convert import __main__ as convert
+
+def status_kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+def run(mode, options, dst):
+    if mode == "whole":  # the whole state_dict in memory, as consolidate held it before it streamed
+        config, state = load_state_dict(src)
+        save_consolidated(dst, config, state)
+    else:
+        assert convert.main([mode, src, str(dst), *options]) == 0
+
+src, out, runs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+peaks = {}
+for name, (mode, *options) in runs.items():
+    run(mode, options, out / name / "warm-up")
+    rss = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
+    run(mode, options, out / name / "measured")
+    peaks[name] = (status_kib("VmHWM") - rss) * 1024
+print(json.dumps(peaks))
+"""
+
+
+@pytest.fixture(scope="module")
+def deep_ckpt(tmp_path_factory) -> tuple[Path, int, int]:
+    """A consolidated checkpoint of many layers of small tensors: (path, largest tensor, total), in bytes."""
+    config = ModelConfig(d_model=512, n_layers=5, n_heads=8, ffn_hidden_size=2048, vocab_size=1024, weight_tying=False)
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=generator) for name, shape in expected_shapes(config).items()}
+    path = tmp_path_factory.mktemp("deep") / "ckpt"
+    save_consolidated(path, config, state)
+    sizes = [t.numel() * t.element_size() for t in state.values()]
+    return path, max(sizes), sum(sizes)
+
+
+def test_conversions_hold_one_tensor_at_a_time(deep_ckpt, tmp_path: Path):
+    src, largest, total = deep_ckpt
+    assert total >= 8 * largest and largest == 8 * 2**20
+    runs = {
+        "consolidate": ["consolidate"],
+        "consolidate-bf16": ["consolidate", "--dtype", "bfloat16"],
+        "to-hf-sharded": ["to-hf", "--max-shard-gb", "0.01"],
+        "to-hf-bf16": ["to-hf", "--dtype", "bfloat16"],
+        "whole": ["whole"],
+    }
+    # glibc serves allocations below its dynamic mmap threshold (up to 32 MB) from a heap that it trims only
+    # now and then; a 65B model's tensors are far above it, each mapped and unmapped on its own. Pinning the
+    # threshold low gives these 8 MB tensors the same treatment, so RSS counts the tensors held, not heap
+    # slack, and one run's freed memory does not hide the next one's.
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(src), str(tmp_path), json.dumps(runs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    peaks = json.loads(probe.stdout.splitlines()[-1])
+    in_largest = {name: round(peak / largest, 2) for name, peak in peaks.items()}
+    assert peaks["whole"] >= 0.95 * total, in_largest  # the measurement sees a whole model held in memory
+    for name, peak in peaks.items():
+        if name != "whole":
+            assert peak <= 2.5 * largest, in_largest  # measured: 1.0 (fp32), 1.5 (reading fp32 for bf16)
+
+
+# ---------------------------------------------------------------------------------------------
 # megaolmo.checkpoint on its own
 
 
@@ -468,19 +660,51 @@ def test_save_consolidated_refuses_a_bad_state(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
+def test_failed_write_leaves_nothing(tmp_path: Path):
     config = tiny_config()
     state = random_model(config).state_dict()
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
 
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+    def read(name: str) -> torch.Tensor:  # the disk fills up halfway through model.safetensors
+        if name == "blocks.1.att_proj.linear.weight":
+            raise OSError("No space left on device")
+        return state[name]
 
-    monkeypatch.setattr("megaolmo.checkpoint.consolidated.save_file", disk_full)
     dst = tmp_path / "ckpt"
     with pytest.raises(OSError, match="No space left"):
-        save_consolidated(dst, config, state)
+        write_consolidated(dst, config, specs, read)
     assert not dst.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtypes", [["float32"], ["bfloat16"], ["float16"], ["float32", "bfloat16", "float16"]])
+def test_streamed_safetensors_read_back_exactly(dtypes: list[str], tmp_path: Path):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (3,), (), (0, 4), (2, 3, 4)]
+    tensors = {
+        f"{dtype}.{i}": (torch.randn(shape, generator=generator) * 100).to(convert.DTYPES[dtype])
+        for dtype in dtypes
+        for i, shape in enumerate(shapes)
+    }
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    reference = tmp_path / "save_file.safetensors"
+    save_file(tensors, str(reference), metadata={"format": "pt"})
+    # In save_file's order (widest dtype first, then by name), the bytes are save_file's own.
+    write_safetensors(tmp_path / "sorted.safetensors", save_file_order(specs), tensors.__getitem__)
+    assert (tmp_path / "sorted.safetensors").read_bytes() == reference.read_bytes()
+    # In any other order (to-hf stores a model's order) safetensors reads it back just as well.
+    reverse = dict(reversed(specs.items()))
+    write_safetensors(tmp_path / "reverse.safetensors", reverse, tensors.__getitem__)
+    assert_same_state(load_file(str(tmp_path / "reverse.safetensors")), tensors)
+    with safe_open(str(tmp_path / "reverse.safetensors"), framework="pt") as handle:
+        assert handle.offset_keys() == list(reverse)
+        assert handle.metadata() == {"format": "pt"}
+        assert_same_state({name: handle.get_tensor(name) for name in reverse}, tensors)
+    # ... and so does megaolmo's reader, one tensor at a time, of either file.
+    for file in (reference, tmp_path / "reverse.safetensors"):
+        reader = SafetensorsReader(file)
+        assert reader.specs == specs
+        assert_same_state({name: reader.read(name) for name in reader.specs}, tensors)
 
 
 def test_load_errors(tmp_path: Path, sources: dict[str, Path]):
@@ -762,6 +986,13 @@ def to_hf_incomplete(sources, tmp_path):
     return BadInput(["to-hf", src], ("model.safetensors is missing",))
 
 
+def consolidate_truncated(sources, tmp_path):
+    src = copy_of(sources, "ckpt", tmp_path)
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return BadInput(["consolidate", src], (str(weights), "not a readable safetensors file"))
+
+
 def olmo_unsupported(key: str, value) -> Callable[[dict, Path], BadInput]:
     def case(sources, tmp_path):
         src = copy_of(sources, "olmo", tmp_path)
@@ -802,6 +1033,8 @@ BAD_INPUTS = {
     "from-olmo-output-is-a-file": (output_is_a_file, False),
     "to-hf-on-hf-dir": (to_hf_on_hf_dir, True),
     "to-hf-incomplete-checkpoint": (to_hf_incomplete, False),
+    "consolidate-missing-source": (missing_source("consolidate"), False),
+    "consolidate-truncated-weights": (consolidate_truncated, True),
     "olmo-layer-norm-affine": (olmo_unsupported("layer_norm_with_affine", True), False),
     "olmo-gelu": (olmo_unsupported("activation_type", "gelu"), False),
     "olmo-alibi": (olmo_unsupported("alibi", True), False),

@@ -7,6 +7,8 @@
 
 Every input is validated in full (config, tensor names, shapes, shards) before
 anything is written; a bad input ends with one line on stderr and exit code 2.
+to-hf and consolidate stream a megaolmo checkpoint tensor by tensor (a 65B model is
+~260 GB in fp32); from-hf and from-olmo read their input whole.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from megaolmo.checkpoint import load_state_dict, save_consolidated
+from megaolmo.checkpoint import open_tensors, save_consolidated, write_consolidated
 from megaolmo.convert.allenai_olmo import read_olmo_dir
-from megaolmo.convert.hf import read_hf_dir, state_from_hf, state_to_hf, write_hf_dir
+from megaolmo.convert.hf import read_hf_dir, state_from_hf, write_hf_dir
 from megaolmo.errors import MegaolmoError, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +31,10 @@ def cast(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.T
     return state if dtype is None else {k: v.to(DTYPES[dtype]) for k, v in state.items()}
 
 
+def dtype_of(args: argparse.Namespace) -> torch.dtype | None:
+    return None if args.dtype is None else DTYPES[args.dtype]
+
+
 def from_hf(args: argparse.Namespace) -> None:
     config, tensors = read_hf_dir(Path(args.src))
     state = state_from_hf(config, tensors, str(args.src))
@@ -36,14 +42,20 @@ def from_hf(args: argparse.Namespace) -> None:
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    config, state = load_state_dict(args.src)
-    tensors = state_to_hf(config, cast(state, args.dtype))
-    write_hf_dir(Path(args.dst), config, tensors, int(args.max_shard_gb * 2**30))
+    tensors = open_tensors(args.src)
+    write_hf_dir(
+        Path(args.dst),
+        tensors.config,
+        tensors.specs,
+        tensors.read,
+        dtype=dtype_of(args),
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+    )
 
 
 def consolidate(args: argparse.Namespace) -> None:
-    config, state = load_state_dict(args.src)
-    save_consolidated(args.dst, config, cast(state, args.dtype))
+    tensors = open_tensors(args.src)
+    write_consolidated(args.dst, tensors.config, tensors.specs, tensors.read, dtype=dtype_of(args))
 
 
 def from_olmo(args: argparse.Namespace) -> None:

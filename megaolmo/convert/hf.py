@@ -2,21 +2,22 @@
 
 transformers keeps q, k, v and up, gate as separate tensors; megaolmo fuses them as OLMo does
 ([q | k | v] in att_proj, [up | gate] in ff_proj). Every read validates the whole input (config,
-names, shapes, shards) before anything is converted.
+names, shapes, shards) before anything is converted. Writing streams: `hf_tensors` maps one megaolmo
+tensor to its transformers tensors, so `write_hf_dir` holds one megaolmo tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from megaolmo.checkpoint.consolidated import check_tensors, write_atomically
+from megaolmo.checkpoint.consolidated import check_specs, check_tensors, expected_shapes, write_atomically
+from megaolmo.checkpoint.safetensors_stream import Specs, tensor_bytes, write_safetensors
 from megaolmo.config import ModelConfig
 from megaolmo.errors import ConfigError, ConversionError
 
@@ -118,24 +119,40 @@ def state_from_hf(config: ModelConfig, hf: Mapping[str, torch.Tensor], source: s
     return state
 
 
-def state_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers tensors from a megaolmo state_dict (the inverse of `state_from_hf`)."""
+def hf_tensors(config: ModelConfig, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The transformers tensors (views of `tensor`) that megaolmo's tensor `name` becomes, in stored order.
+
+    A tied model's lm_head is wte: it has no tensor of its own here, and transformers re-ties it on load.
+    """
     hd = config.head_dim
-    qkv_sizes = [config.n_heads * hd, config.kv_heads * hd, config.kv_heads * hd]
-    hf = {"model.embed_tokens.weight": state["wte.weight"]}
-    for i in range(config.n_layers):
-        hf_layer = f"model.layers.{i}"
-        ours = f"blocks.{i}"
-        q, k, v = state[f"{ours}.att_proj.linear.weight"].split(qkv_sizes, dim=0)
-        hf[f"{hf_layer}.self_attn.q_proj.weight"] = q
-        hf[f"{hf_layer}.self_attn.k_proj.weight"] = k
-        hf[f"{hf_layer}.self_attn.v_proj.weight"] = v
-        hf[f"{hf_layer}.self_attn.o_proj.weight"] = state[f"{ours}.attn_out.linear.weight"]
-        up, gate = state[f"{ours}.ff_proj.linear.weight"].chunk(2, dim=0)
-        hf[f"{hf_layer}.mlp.up_proj.weight"] = up
-        hf[f"{hf_layer}.mlp.gate_proj.weight"] = gate
-        hf[f"{hf_layer}.mlp.down_proj.weight"] = state[f"{ours}.ff_out.linear.weight"]
-    hf["lm_head.weight"] = state["wte.weight" if config.weight_tying else "head.linear.weight"]
+    match name.split("."):
+        case ["wte", "weight"]:
+            return [("model.embed_tokens.weight", tensor)]
+        case ["head", "linear", "weight"]:
+            return [("lm_head.weight", tensor)]
+        case ["blocks", index, "att_proj", "linear", "weight"]:
+            q, k, v = tensor.split([config.n_heads * hd, config.kv_heads * hd, config.kv_heads * hd], dim=0)
+            attn = f"model.layers.{index}.self_attn"
+            return [(f"{attn}.q_proj.weight", q), (f"{attn}.k_proj.weight", k), (f"{attn}.v_proj.weight", v)]
+        case ["blocks", index, "attn_out", "linear", "weight"]:
+            return [(f"model.layers.{index}.self_attn.o_proj.weight", tensor)]
+        case ["blocks", index, "ff_proj", "linear", "weight"]:
+            up, gate = tensor.chunk(2, dim=0)
+            return [
+                (f"model.layers.{index}.mlp.up_proj.weight", up),
+                (f"model.layers.{index}.mlp.gate_proj.weight", gate),
+            ]
+        case ["blocks", index, "ff_out", "linear", "weight"]:
+            return [(f"model.layers.{index}.mlp.down_proj.weight", tensor)]
+    raise ValueError(f"{name} is not a tensor of a megaolmo OLMo-1 model")  # the callers validate names first
+
+
+def state_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers tensors from a megaolmo state_dict (the inverse of `state_from_hf`); lm_head.weight
+    is wte for a tied model, as in transformers' own state_dict."""
+    hf = {hf_name: part for name, tensor in state.items() for hf_name, part in hf_tensors(config, name, tensor)}
+    if config.weight_tying:
+        hf["lm_head.weight"] = state["wte.weight"]
     return hf
 
 
@@ -203,32 +220,60 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, read_safetensors(files)
 
 
-def write_hf_dir(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """A directory `OlmoForCausalLM.from_pretrained` loads; shards with an index past `max_shard_bytes`."""
-    if config.weight_tying:  # lm_head is wte: safetensors refuses shared memory, and transformers re-ties it
-        tensors = {name: t for name, t in tensors.items() if name != "lm_head.weight"}
-    dtype = next(iter(tensors.values())).dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def write_hf_dir(
+    path: Path,
+    config: ModelConfig,
+    specs: Specs,
+    read: Callable[[str], torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int,
+) -> None:
+    """A directory `OlmoForCausalLM.from_pretrained` loads, sharded with an index past `max_shard_bytes`.
+
+    `specs` names the megaolmo tensors (validated against `config` before anything is written); each is
+    read once with `read(name)`, cast to `dtype` when given, and dropped when the last of its transformers
+    tensors is written. Those are stored in the model's order, a source's parts one after the other (q, k, v
+    may still fall into two shards), so at most one megaolmo tensor is in memory at a time.
+    """
+    check_specs(config, specs, "tensors to convert")
+    source: dict[str, str] = {}  # transformers name -> the megaolmo tensor it is part of
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in expected_shapes(config):
+        shape, saved = specs[name]
+        for hf_name, part in hf_tensors(config, name, torch.empty(shape, dtype=dtype or saved, device="meta")):
+            source[hf_name] = name
+            layout[hf_name] = (tuple(part.shape), part.dtype)
+    shards: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{}]
     shard_bytes = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+    for hf_name, spec in layout.items():
+        size = tensor_bytes(*spec)
         if shards[-1] and shard_bytes + size > max_shard_bytes:
             shards.append({})
             shard_bytes = 0
-        shards[-1][name] = tensor.contiguous()
+        shards[-1][hf_name] = spec
         shard_bytes += size
 
+    parts: dict[str, torch.Tensor] = {}  # the parts of the megaolmo tensor being written that are still to go
+
+    def read_part(hf_name: str) -> torch.Tensor:
+        if hf_name not in parts:  # the parts before are all written: the previous tensor is free
+            name = source[hf_name]
+            parts.update(hf_tensors(config, name, read(name).to(layout[hf_name][1])))
+        return parts.pop(hf_name)
+
     def write(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+        hf_config = config_to_hf(config, dtype or specs["wte.weight"][1])
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_safetensors(tmp / "model.safetensors", shards[0], read_part)
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            write_safetensors(tmp / name, shard, read_part)
             weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(tensor_bytes(*spec) for spec in layout.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
