@@ -4,9 +4,9 @@ Two kinds of spec, all run in one spawn (each on a fresh group of the first rank
 - "resume": train with an evaluation right before each save (as the recipes do, both every 1000 steps),
   stop, resume into a fresh model and optimizer, and record the losses and final weights of that run
   and of a straight one.
-- "io": after a step, profile one save and one resume: the torch memory they allocate on top of the
-  training state, the checkpoint bytes each rank reads (through DCP's storage reader), and the bytes
-  each rank hashes (a re-read for a digest).
+- "io": after a step, profile one save, the final weights and one resume: the torch memory they
+  allocate on top of the training state, the checkpoint bytes each rank reads (through DCP's storage
+  reader), and the bytes each rank hashes.
 
 Every save and resume runs under `torch.device("meta")`: a tensor megaolmo creates for a collective
 without placing it on the mesh's device lands on meta there and the collective fails, as a CPU tensor
@@ -174,6 +174,9 @@ def io_run(spec: Spec, target: Path) -> None:
         path = save(model, optimizer, target / "checkpoints", 1)
     record.update(save_peak=peak_live_bytes(prof), save_rehashed=counts.hashed_data + counts.hashed_other)
     record["written"] = sum(p.stat().st_size for p in path.glob(f"__{dist.get_rank()}_*.distcp"))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.device("meta"):
+        sharded.save_final_weights(target / "final", model, step=1)
+    record["final_peak"] = peak_live_bytes(prof)
     expected = model.full_tensors()
     del model, optimizer
     model, optimizer = build(spec)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_ok
-from training_run import TINY, data_args, losses, train, train_command
+from training_run import TINY, data_args, losses, stop_after, train, train_command
 
 import megaolmo
 from megaolmo.checkpoint.sharded import MANIFEST_FILE
@@ -198,12 +198,7 @@ def test_sigterm_saves_after_the_step_in_flight_and_resumes_exactly(dataset, tmp
     long = ["trainer.max_steps=30", "trainer.eval_interval=0"]
     command = train_command([*TINY, *data_args(dataset), *long], run_dir)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
-        assert time.time() < deadline and process.poll() is None, "the run never logged its second step"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=240)
+    stderr = stop_after(process, run_dir, steps=2)
     assert process.returncode == 75, stderr[-3000:]
     stopped_at = len(losses(run_dir))
     assert stopped_at < 30, "the run finished before the signal arrived"

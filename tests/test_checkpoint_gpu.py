@@ -4,16 +4,14 @@ a resume, the final weights and `convert consolidate` (skipped without CUDA)."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import assert_ok
-from training_run import TINY, data_args, losses, train_command
+from training_run import TINY, data_args, stop_after, train_command
 
 import megaolmo
 from megaolmo.checkpoint.sharded import MANIFEST_FILE
@@ -30,12 +28,7 @@ def test_nccl_save_stop_resume_final_and_consolidate(dataset, tmp_path: Path) ->
     command = train_command(args, run_dir)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *command[1:]]
     process = subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 4:
-        assert time.time() < deadline and process.poll() is None, "the run never logged its fourth step"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
+    stderr = stop_after(process, run_dir, steps=4, timeout=300)
     assert process.returncode == 75, stderr[-3000:]
     assert "stop signal (SIGTERM)" in stderr
     resumed = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, check=False)

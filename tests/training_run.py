@@ -6,8 +6,10 @@ import gzip
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from megaolmo.data import prepare
@@ -102,3 +104,13 @@ def train(args: list[str], run_dir: Path, ranks: int = 1, env: dict | None = Non
 def losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
+
+
+def stop_after(process: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 240) -> str:
+    """Send SIGTERM to a training `process` once it has logged `steps` steps; its stderr when it exits."""
+    deadline = time.time() + timeout
+    while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < steps:
+        assert time.time() < deadline and process.poll() is None, f"the run never logged step {steps}"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=timeout)[1]
