@@ -1,4 +1,5 @@
-"""Directories that appear whole or not at all: written under a temporary name, renamed when complete.
+"""Directories that appear whole or not at all: written under a temporary name, renamed when complete;
+and the fsyncs that make such a rename durable.
 
 A crash, a Ctrl-C or a bad input halfway through must leave nothing that looks
 finished: prepared data is cached and reused without being checked again, and a
@@ -49,3 +50,20 @@ def atomic_directory(path: Path, error: type[Exception], overwrite: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it: on disk before anything that depends on it is renamed."""
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (a rename into it, say) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

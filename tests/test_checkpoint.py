@@ -18,7 +18,7 @@ from helpers import assert_ok
 from training_run import TINY, data_args, losses, stop_after, train, train_command
 
 import megaolmo
-from megaolmo.checkpoint.sharded import MANIFEST_FILE
+from megaolmo.checkpoint.directory import MANIFEST_FILE
 
 STEPS = ["trainer.max_steps=6", "trainer.eval_interval=0"]
 

@@ -14,7 +14,7 @@ from helpers import assert_ok
 from training_run import TINY, data_args, stop_after, train_command
 
 import megaolmo
-from megaolmo.checkpoint.sharded import MANIFEST_FILE
+from megaolmo.checkpoint.directory import MANIFEST_FILE
 
 pytestmark = pytest.mark.gpu
 

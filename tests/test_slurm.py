@@ -20,7 +20,7 @@ import pytest
 from helpers import assert_ok
 from training_run import TINY, data_args
 
-from megaolmo.checkpoint.sharded import MANIFEST_FILE
+from megaolmo.checkpoint.directory import MANIFEST_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_ok
 from training_run import TINY, VOCAB, data_args, losses, train
 
-from megaolmo.checkpoint.sharded import MANIFEST_FILE
+from megaolmo.checkpoint.directory import MANIFEST_FILE
 
 
 def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: Path) -> None:

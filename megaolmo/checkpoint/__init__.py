@@ -4,6 +4,8 @@ consolidated.py        the whole model in one safetensors file (final weights, c
 sharded.py             training checkpoints: each rank writes its share of the model, AdamW state and
                        data position with torch.distributed.checkpoint; any layout resumes any other
 safetensors_stream.py  safetensors files written and read one tensor at a time
+shares.py, dcp_io.py   where each rank's share of a tensor lies, and DCP writing and reading just that
+directory.py           a run's checkpoints: names, `latest`, retention, the resume point
 
     save_consolidated(path, config, state)            load_consolidated(path) -> (config, state)
     write_consolidated(path, config, specs, read)     ConsolidatedTensors(path): .config .specs .read(name)

@@ -36,7 +36,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megaolmo.atomic import fsync_dir, write_durably
 from megaolmo.checkpoint.dcp_io import Entry, HashingWriter, ShareSavePlanner, VerifyingReader, read_entries
+from megaolmo.checkpoint.directory import MANIFEST_FILE, apply_retention, checkpoint_name, update_latest
 from megaolmo.checkpoint.shares import Share, share_of, whole
 from megaolmo.config import ModelConfig
 from megaolmo.errors import CheckpointError
@@ -46,8 +48,6 @@ from megaolmo.parallel import tensor_parallel_layers
 SHARDED_FORMAT = "megaolmo-sharded"
 FORMAT_VERSION = 2  # 2: tensors as the unsharded model has them (1 interleaved fused blocks)
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
 WEIGHTS_ONLY = "weights"  # trainer_state["contents"] of final weights, which hold no optimizer state
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Fields that change how the model computes, not the weights it has: free to differ on resume.
@@ -73,10 +73,6 @@ def _single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step{step:06d}"
 
 
 def _entries(model, include_replica: bool):
@@ -122,22 +118,6 @@ def _file_digest(path: Path) -> dict:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> dict:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return _digest(data)
 
 
 def _agree_on_failure(error: BaseException | None, device: torch.device) -> str | None:
@@ -224,8 +204,8 @@ def save_sharded(
     model.reshard()  # the fp32 shards the optimizer holds, whatever a forward-only pass left gathered
 
     def point_latest_and_prune() -> None:
-        _update_latest(directory, final.name)
-        _apply_retention(directory, keep_last, keep_every)
+        update_latest(directory, final.name)
+        apply_retention(directory, keep_last, keep_every)
 
     write_checkpoint(final, training_entries(model, optimizer), trainer_state=trainer_state, config=model.config,
                      device=model.mesh.device, on_commit=point_latest_and_prune)  # fmt: skip
@@ -246,52 +226,15 @@ def save_final_weights(path: Path, model, *, step: int) -> Path:
 def _commit(tmp: Path, final: Path, *, gathered: list[dict], trainer_state: dict, config: ModelConfig) -> None:
     files = {name: digest for part in gathered for name, digest in part.items()}
     state = {"format": SHARDED_FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(), **trainer_state}
-    files[STATE_FILE] = _write_durably(tmp / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
-    _write_durably(tmp / MANIFEST_FILE, (json.dumps({"files": files}, indent=2) + "\n").encode())
-    _fsync_dir(tmp)
+    state_bytes = (json.dumps(state, indent=2) + "\n").encode()
+    write_durably(tmp / STATE_FILE, state_bytes)
+    files[STATE_FILE] = _digest(state_bytes)
+    write_durably(tmp / MANIFEST_FILE, (json.dumps({"files": files}, indent=2) + "\n").encode())
+    fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier, abandoned leg of this run
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _update_latest(directory: Path, name: str) -> None:
-    tmp = directory / f".{LATEST_FILE}.tmp"
-    tmp.write_text(name + "\n")
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / LATEST_FILE)
-
-
-def _apply_retention(directory: Path, keep_last: int, keep_every: int | None) -> None:
-    """Keep the newest `keep_last` checkpoints, and every `keep_every`-th step for good."""
-    steps = sorted(int(p.name.removeprefix("step")) for p in directory.glob("step[0-9]*") if p.is_dir())
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps[-1:])
-    if keep_every:
-        keep |= {s for s in steps if s % keep_every == 0}
-    for step in steps:
-        if step not in keep:
-            shutil.rmtree(directory / checkpoint_name(step), ignore_errors=True)
-
-
-def remove_incomplete(directory: Path) -> None:
-    """Delete what saves interrupted by a crash left behind (they never became checkpoints). Rank 0 only."""
-    for leftover in [*directory.glob(".step*.tmp"), *directory.glob(f".{LATEST_FILE}.tmp")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def find_resume_point(directory: Path) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one; None when there is none."""
-    latest = directory / LATEST_FILE
-    if latest.is_file():
-        candidate = directory / latest.read_text().strip()
-        if (candidate / MANIFEST_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in directory.glob("step[0-9]*") if (p / MANIFEST_FILE).is_file())
-    return complete[-1] if complete else None
+    fsync_dir(final.parent)
 
 
 def check_same_model(saved: dict, config: ModelConfig, path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from megaolmo.checkpoint import restore_sharded, save_sharded
-from megaolmo.checkpoint.sharded import checkpoint_name, find_resume_point, remove_incomplete, save_final_weights
+from megaolmo.checkpoint.directory import checkpoint_name, find_resume_point, remove_incomplete
+from megaolmo.checkpoint.sharded import save_final_weights
 from megaolmo.config import TrainerConfig
 from megaolmo.data import GlobalBatches
 from megaolmo.errors import CheckpointError
