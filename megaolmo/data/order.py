@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megaolmo.atomic import fsync_dir
 from megaolmo.errors import DataError
 
 CHUNK = 1 << 22  # elements of arange written at a time while building (16 MB of uint32)
@@ -78,11 +79,7 @@ def build_order(
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+    fsync_dir(path.parent)  # the rename itself survives a crash
     return path
 
 
