@@ -1,10 +1,13 @@
-"""`python -m megaolmo.plan [--search] [--top N] [hydra overrides ...]`: plan a layout before launch.
+"""`python -m megaolmo.plan [--search] [--top N] [--dry-run [--rank R ...]] [hydra overrides ...]`: plan a layout.
 
 Composes the same Hydra config as megaolmo.train (conf/config.yaml with the
 same overrides, e.g. `experiment=olmo_65b`), then prints the plan of the
 configured layout on the configured cluster, or with --search the fastest
 feasible layouts. Exit status: 0 when the layout fits, 1 when it does not (or
-no layout does), 2 for a configuration megaolmo cannot run.
+no layout does), 2 for a configuration megaolmo cannot run. With --dry-run it
+builds chosen ranks' stages on the meta device under a fake process group of
+the cluster's world size (megaolmo/plan/dry_run.py) and exits 0 when what they
+hold equals the plan, 1 when it does not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megaolmo.config import CONF_DIR, Config
 from megaolmo.errors import ConfigError, MegaolmoError, report
 from megaolmo.plan import make_plan
+from megaolmo.plan.dry_run import dry_run
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import Layout, Workload
 from megaolmo.plan.report import format_plan, format_table, refusal
@@ -55,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megaolmo.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--search", action="store_true", help="rank every feasible layout by predicted step time")
     parser.add_argument("--top", type=int, default=10, help="layouts --search prints (default 10)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="build ranks on the meta device and compare them with the plan"
+    )
+    parser.add_argument(
+        "--rank", type=int, action="append", help="a global rank --dry-run builds (repeatable; default: 0 and the last)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for megaolmo.train")
     args = parser.parse_args(argv)
     try:
@@ -72,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{hardware.devices_per_node} per node): {err}"
             ) from None
         plan = make_plan(work, layout, hardware)
+        if args.dry_run:
+            table, equal = dry_run(plan.placement, config, args.rank)
+            print(f"dry run of {title} on {layout.world_size} ranks: {layout.describe()}\n{table}")
+            return 0 if equal else 1
     except MegaolmoError as err:
         return report(err)
     except (HydraException, OmegaConfBaseException) as err:  # an override Hydra cannot compose
