@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import time
 
@@ -25,7 +26,7 @@ from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
 from megaolmo.convert.hf import config_to_hf, state_to_hf
 from megaolmo.model.engine import ParallelOLMo
 from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
-from megaolmo.model.fp8 import has_fp8_gemm
+from megaolmo.model.fp8 import apply_tf32, has_fp8_gemm
 from megaolmo.parallel.launch import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.tables import write_rows
 
@@ -98,7 +99,8 @@ def transformers_step(model: ParallelOLMo, dtype: torch.dtype, ids: torch.Tensor
 
 def run(args: argparse.Namespace) -> int:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    init_distributed(device_type)
+    init_distributed(device_type)  # under torchrun, binds this rank to cuda:LOCAL_RANK before any CUDA work
+    apply_tf32(args.tf32, device_type)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     preset = args.model or ("olmo_1b" if device_type == "cuda" else "olmo_tiny")
     config = ModelConfig.preset(preset, n_layers=args.layers) if args.layers else ModelConfig.preset(preset)
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     rows, baseline = [], None
     linears = [linear for linear in args.linears if linear in available_linears(device)]
     for linear in linears:
+        reset_peak_memory(device)
         model, step = megaolmo_step(
             dataclasses.replace(config, linear=linear), parallel, dtype, ids, args.micro_batch_size
         )
@@ -125,10 +128,18 @@ def run(args: argparse.Namespace) -> int:
         baseline = baseline or seconds
         name = f"megaolmo {linear}" + (" (emulated FP8)" if model.fp8_emulated else "")
         rows.append(_row(name, seconds, tokens, step_flops, peak, baseline, device))
+        hf_step = None
         if linear == "torch" and world == 1 and args.transformers:
-            hf_seconds = _timed(transformers_step(model, dtype, ids), args.steps, args.warmup, device)
+            if importlib.util.find_spec("transformers") is None:  # an optional column: say so, time the rest
+                rows.append({"implementation": "transformers", "note": "skipped: transformers is not installed"})
+            else:
+                hf_step = transformers_step(model, dtype, ids)
+        del model, step  # megaolmo's weights and AdamW state count in no later row's peak
+        if hf_step is not None:
+            reset_peak_memory(device)
+            hf_seconds = _timed(hf_step, args.steps, args.warmup, device)
             rows.append(_row("transformers", hf_seconds, tokens, step_flops, peak, baseline, device))
-        del model, step
+            del hf_step
     if is_rank_zero():
         where = (
             torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -138,6 +149,17 @@ def run(args: argparse.Namespace) -> int:
         write_rows(rows, args.out)
     shutdown(clean=True)
     return 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a row's peak-memory count afresh on this rank's GPU, so each row reports its own peak.
+
+    On CPU the peak is the process's resident-set high-water mark, which cannot be reset: CPU rows
+    report the peak of the run so far.
+    """
+    if device.type == "cuda":
+        gc.collect()  # the previous row's model may sit in reference cycles (module hooks)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _row(name, seconds, tokens, step_flops, peak, baseline, device) -> dict[str, object]:
@@ -167,3 +189,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", dest="transformers", action="store_false",
                         help="skip the transformers OlmoForCausalLM column")  # fmt: skip
     parser.add_argument("--out", help="also write the rows to this .csv or .json file")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false",
+                        help="fp32 matmuls in full fp32 on CUDA (default: TF32, as trainer.tf32)")  # fmt: skip

@@ -74,6 +74,13 @@ def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int
             raise ConfigError(f"model.{name}={getattr(model, name)} is not divisible by parallel.tp={tp}")
     if parallel.vp > 1 and parallel.pp == 1:
         raise ConfigError(f"parallel.vp={parallel.vp} needs parallel.pp > 1")
+    if model.linear == "te" and parallel.activation_checkpointing == "full":
+        # torch's checkpoint recomputes a block in backward, outside te.fp8_autocast (TE issue 415);
+        # selective recomputes the attention core alone, which has no TE GEMM.
+        raise ConfigError(
+            "parallel.activation_checkpointing=full with model.linear=te recomputes outside fp8_autocast; "
+            "use activation_checkpointing=selective or none, or model.linear=torchao"
+        )
     stage_layers = stage_layer_counts(model.n_layers, parallel.pp * parallel.vp, parallel.pp_layer_split)
     if model.embedding_size is None:
         multiple = 128 * tp
@@ -137,6 +144,11 @@ class ResolvedRun:
 def resolve(config: Config, world_size: int) -> ResolvedRun:
     """Every start-up check of a training run on `world_size` ranks, before any group or tensor exists."""
     layout = resolve_layout(config.model, config.parallel, world_size)
+    if config.model.attention == "flash" and config.trainer.precision == "fp32":
+        raise ConfigError(
+            "model.attention=flash needs fp16/bf16 activations, not trainer.precision=fp32; "
+            "set trainer.precision=bf16 or model.attention=sdpa"
+        )
     seq_len = config.seq_len()
     microbatches = microbatches_per_rank(
         config.parallel,

@@ -237,6 +237,7 @@ class TrainerConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     seq_len: int | None = None  # tokens per sequence; null: the model's max_sequence_length
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and gradient reduction)
+    tf32: bool = True  # on CUDA, fp32 matmuls and convolutions in TF32 (10-bit mantissa, faster); CPU: no-op
     seed: int = 0  # model init and data order
     run_dir: str = "${hydra:runtime.output_dir}"  # metrics, plots and weights; shared by every rank
     stop_at: int | None = None  # end this leg at step N with a checkpoint; the schedule still spans max_steps

@@ -19,13 +19,13 @@ from torch.distributed.tensor import DTensor
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
 from megaolmo.data.labels import IGNORE_INDEX
-from megaolmo.model.fp8 import check_backend, emulates
+from megaolmo.model.fp8 import check_backend, emulates, preserved_scaling_states
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel import tensor_parallel_layers
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaolmo.parallel.grad_norm import clip_grad_norm_
 from megaolmo.parallel.mesh import ParallelMesh
-from megaolmo.parallel.pipeline import build_schedule
+from megaolmo.parallel.pipeline import Schedule, build_schedule
 
 
 @dataclass
@@ -118,7 +118,7 @@ class ParallelOLMo:
             ignore_index=ignore_index,
             z_loss_multiplier=z_loss_multiplier,
         )
-        self._schedules: dict[tuple[int, int, int], object] = {}
+        self._schedules: dict[tuple[int, int, int], Schedule] = {}
 
     @property
     def high_precision_layers(self) -> list[str]:
@@ -187,9 +187,7 @@ class ParallelOLMo:
         else:
             schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
             args, kwargs = self._pipeline_args(input_ids, labels)
-            # return_outputs=False: the losses are all the step needs; keeping every micro-batch's logits
-            # for a return value would hold m x [b, s, V / tp] on the last stage.
-            schedule.step(*args, **kwargs, return_outputs=False)
+            schedule.step(*args, **kwargs)  # the losses are all the step needs: no logits are kept
             self._sum_tied_gradients()
         sums = self.losses.total(self.mesh.device)
         for group in (self.mesh.pp_group, self.mesh.dp_group):
@@ -205,18 +203,19 @@ class ParallelOLMo:
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
         input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
         self.losses.begin(normalizer=1)
-        try:
-            if self.parallel.pp == 1:
-                (stage,) = self.stages
-                for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
-                    with self._autocast():
-                        self.losses(stage(ids), target)
-            else:
-                schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
-                args, kwargs = self._pipeline_args(input_ids, labels)
-                schedule.eval(*args, **kwargs)
-        finally:
-            self.reshard()
+        with preserved_scaling_states(self.stages):  # evaluation must not move TE's delayed FP8 scales
+            try:
+                if self.parallel.pp == 1:
+                    (stage,) = self.stages
+                    for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
+                        with self._autocast():
+                            self.losses(stage(ids), target)
+                else:
+                    schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
+                    args, kwargs = self._pipeline_args(input_ids, labels)
+                    schedule.eval(*args, **kwargs)
+            finally:
+                self.reshard()
         rows = self.losses.row_sums(len(input_ids), self.mesh.device)
         if self.mesh.pp_group is not None:
             dist.all_reduce(rows, group=self.mesh.pp_group)  # only the last stage computed them

@@ -15,10 +15,12 @@ times slower than an fp32 matmul; `fp8.emulate=false` asks for it all the same.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import io
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -31,6 +33,17 @@ from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear
 def has_fp8_gemm(device: torch.device) -> bool:
     """Whether `torch._scaled_mm` has a real FP8 kernel here: CUDA GPUs of compute capability 8.9+."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def apply_tf32(enabled: bool, device_type: str) -> None:
+    """Let CUDA run fp32 GEMMs in TF32 (`trainer.tf32`): torch leaves matmuls in full fp32 unless told.
+
+    Process-wide, so it is set once at start-up; nothing changes on CPU, which has no TF32.
+    """
+    if device_type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def emulates(linear: str, config: Fp8Config, device: torch.device) -> bool:
@@ -51,6 +64,13 @@ def check_backend(linear: str, device: torch.device, config: Fp8Config | None = 
             raise ConfigError("model.linear=te needs Transformer Engine: pip install -e '.[te]', or use torchao")
         if device.type != "cuda":
             raise ConfigError("model.linear=te needs an NVIDIA GPU; on CPU use model.linear=torchao")
+        recipe = (config or Fp8Config()).te_recipe
+        if recipe == "mxfp8" and torch.cuda.get_device_capability(device) < (10, 0):
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(
+                f"fp8.te_recipe=mxfp8 needs a Blackwell GPU (compute capability 10.0+), not {name}; "
+                "use fp8.te_recipe=delayed or current"
+            )
     if device.type == "cuda" and not has_fp8_gemm(device) and not emulates(linear, config or Fp8Config(), device):
         name = torch.cuda.get_device_name(device)
         hint = "use torch" if linear == "te" else "use torch, or fp8.emulate=auto"
@@ -151,3 +171,20 @@ def load_scaling_states(stage: nn.Module, states: dict[str, io.BytesIO]) -> None
         if name in states:
             states[name].seek(0)
             module.set_extra_state(torch.load(states[name], weights_only=False))
+
+
+@contextlib.contextmanager
+def preserved_scaling_states(stages: list[nn.Module]) -> Iterator[None]:
+    """Put Transformer Engine's scaling state back after the block: forward-only passes leave no trace in it.
+
+    Under delayed scaling every FP8 forward enters its amax into the history, and the scales follow it. An
+    evaluation must not steer the scales of the training that resumes after it, yet it should run the
+    same FP8 GEMMs the model trains with; so it runs in FP8 and the state before it is restored (a few KiB per
+    module, once per evaluation). A no-op without TE modules.
+    """
+    saved = [scaling_states(stage) for stage in stages]
+    try:
+        yield
+    finally:
+        for stage, states in zip(stages, saved):
+            load_scaling_states(stage, states)

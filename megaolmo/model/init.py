@@ -4,6 +4,12 @@ Every parameter is drawn whole from a generator seeded by (seed, parameter
 name), and each rank keeps its tensor-parallel slice of it. The weights of a
 run therefore depend on the seed alone: one process, TP x PP x DP, or a resume
 on another layout all start from the same model.
+
+The draw happens on the CPU whatever the parameter's device: a CUDA generator
+yields other numbers than a CPU one for the same seed, so drawing on the device
+would make a GPU run start from other weights than a CPU run. One parameter is
+drawn at a time (the largest, the embedding, is vocab x d_model floats), then
+its slice is copied to the device.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def init_parameters(module: nn.Module, config: ModelConfig, seed: int) -> None:
     owners = tensor_parallel_layers(module)
     for name, param in module.named_parameters():
         std = mitchell_std(config, name)
-        generator = torch.Generator(device=param.device).manual_seed(parameter_seed(seed, name))
-        full = torch.empty(full_shape(config, name), device=param.device, dtype=torch.float32)
+        generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
+        full = torch.empty(full_shape(config, name), device="cpu", dtype=torch.float32)
         nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
         param.copy_(owners[name].shard_full(full))

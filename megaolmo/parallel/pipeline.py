@@ -7,6 +7,7 @@ schedules) every rank holds vp non-adjacent slices of the model.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,6 +25,40 @@ SCHEDULES = {
     "gpipe": ScheduleGPipe,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
 }
+
+
+class Schedule:
+    """A `torch.distributed.pipelining` schedule, run one way whatever the installed torch's schedules accept.
+
+    Read once, when the schedule is built: whether `step` takes `return_outputs` (then the last stage drops
+    each micro-batch's logits, m x [b, s, V / tp], instead of merging them into a return value nobody reads)
+    and whether there is `eval` (forward only). A torch without them gets the step that keeps its outputs
+    until it returns, and for `eval` what `eval` itself does: a step with the backward switched off. Older
+    schedules pass unknown keywords on to the stage modules, so `return_outputs` is never sent blind.
+    """
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+        self.drops_outputs = "return_outputs" in inspect.signature(schedule.step).parameters
+        self.has_eval = callable(getattr(schedule, "eval", None))
+
+    def step(self, *args, target: torch.Tensor | None) -> None:
+        """Forward and backward of one batch; the losses reach only the loss function."""
+        if self.drops_outputs:
+            self.schedule.step(*args, target=target, return_outputs=False)
+        else:
+            self.schedule.step(*args, target=target)
+
+    def eval(self, *args, target: torch.Tensor | None) -> None:
+        """Forward only, losses included (called under torch.no_grad)."""
+        if self.has_eval:
+            self.schedule.eval(*args, target=target)
+            return
+        has_backward, self.schedule._has_backward = self.schedule._has_backward, False
+        try:
+            self.schedule.step(*args, target=target)
+        finally:
+            self.schedule._has_backward = has_backward
 
 
 def stage_layer_ranges(counts: Sequence[int]) -> list[range]:
@@ -49,7 +84,7 @@ def build_schedule(
     example_outputs: list[torch.Tensor],
     n_microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-):
+) -> Schedule:
     """A `torch.distributed.pipelining` schedule over this rank's stage modules.
 
     Example tensors (one micro-batch) fix the shapes sent between stages up
@@ -61,6 +96,5 @@ def build_schedule(
         for module, stage_id, inputs, outputs in zip(modules, stage_ids, example_inputs, example_outputs)
     ]
     schedule_class = SCHEDULES[name]
-    if name == "interleaved_1f1b":
-        return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    own = stages if name == "interleaved_1f1b" else stages[0]  # multi-stage schedules take them all
+    return Schedule(schedule_class(own, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False))

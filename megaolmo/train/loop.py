@@ -24,6 +24,7 @@ from megaolmo.errors import ConfigError
 from megaolmo.eval.in_loop import InLoopDownstream, InLoopEvaluator
 from megaolmo.model.engine import ParallelOLMo, StepLosses
 from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+from megaolmo.model.fp8 import apply_tf32
 from megaolmo.parallel.launch import init_distributed, is_rank_zero
 from megaolmo.parallel.mesh import device_type
 from megaolmo.train.checkpointer import Checkpointer
@@ -81,6 +82,7 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
     evaluator = build_evaluator(config, data)
     batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed, order_dir=run_dir / "data_order")
     init_distributed(device_type(config.parallel))
+    apply_tf32(trainer.tf32, device_type(config.parallel))
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
     model = ParallelOLMo(run.model, config.parallel, seed=trainer.seed, param_dtype=param_dtype,
                          z_loss_multiplier=trainer.z_loss, fp8=config.fp8)  # fmt: skip
