@@ -1,4 +1,4 @@
-"""python -m megaolmo.bench SUITE [options]."""
+"""python -m megaolmo.bench kernels | step | suite [options]."""
 
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
 
     step.add_arguments(step_parser)
     step_parser.set_defaults(run=step.run)
+    suite_parser = suites.add_parser("suite", help="every part above plus pytest -m gpu and a short training run")
+    from megaolmo.bench import suite
+
+    suite.add_arguments(suite_parser)
+    suite_parser.set_defaults(run=suite.run)
     args = parser.parse_args(argv)
-    if args.out is not None and not args.out.endswith((".csv", ".json")):
-        parser.error(f"--out {args.out}: use a .csv or .json file name")
+    if args.suite != "suite" and args.out is not None and not args.out.endswith((".csv", ".json")):
+        parser.error(f"--out {args.out}: use a .csv or .json file name")  # the suite's --out is a folder
     try:
         return args.run(args)
     except MegaolmoError as err:  # e.g. --model naming no preset, a layout the ranks do not fit
