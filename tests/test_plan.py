@@ -22,7 +22,7 @@ from megaolmo.plan.memory import block_activation_terms
 from megaolmo.plan.search import candidate_layouts, search
 
 TOLERANCE = 0.10
-SINGLE = [Run("single_fp32"), Run("single_bf16_autocast", bf16=True)]
+SINGLE = [Run("single_fp32"), Run("single_bf16", bf16=True)]
 SPAWNED = [
     Run("tp2_sp", {"tp": 2, "sequence_parallel": True}),
     Run("tp2_selective_recompute", {"tp": 2, "activation_checkpointing": "selective"}, bf16=True),

@@ -73,7 +73,8 @@ def megaolmo_step(config: ModelConfig, parallel: ParallelConfig, dtype: torch.dt
 
 
 def transformers_step(model: ParallelOLMo, dtype: torch.dtype, ids: torch.Tensor):
-    """OlmoForCausalLM with exactly megaolmo's weights, trained the same way (autocast for bf16)."""
+    """OlmoForCausalLM with exactly megaolmo's weights on the same batch, in transformers' usual mixed precision
+    (autocast for bf16)."""
     import transformers
 
     config = model.config

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.func import functional_call
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
 from megaolmo.data.labels import IGNORE_INDEX
@@ -208,8 +209,7 @@ class ParallelOLMo:
                 if self.parallel.pp == 1:
                     (stage,) = self.stages
                     for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
-                        with self._autocast():
-                            self.losses(stage(ids), target)
+                        self.losses(self._forward(stage, ids), target)
                 else:
                     schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
                     args, kwargs = self._pipeline_args(input_ids, labels)
@@ -231,10 +231,17 @@ class ParallelOLMo:
             dist.all_reduce(sums, group=self.mesh.dp_group)
         return sums[0].item(), int(sums[1].item())
 
-    def _autocast(self):
-        """Mixed precision for a single process (FSDP's policy does it when sharded)."""
-        enabled = self.mesh.dp_mesh is None and self.param_dtype != torch.float32
-        return torch.autocast(self.mesh.device.type, dtype=self.param_dtype, enabled=enabled)
+    def _forward(self, stage: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """A stage's forward under FSDP's mixed precision, on every layout: compute-dtype copies of the fp32
+        parameters, so activations flow in that dtype and gradients reach the fp32 parameters in fp32.
+
+        FSDP casts when it gathers; one process, which has no FSDP, casts here. (Autocast instead would keep
+        an fp32 residual stream that no multi-rank layout has, and one GPU would not compute what many do.)
+        """
+        if self.mesh.dp_mesh is not None or self.param_dtype == torch.float32:
+            return stage(ids)
+        copies = {name: param.to(self.param_dtype) for name, param in stage.named_parameters()}
+        return functional_call(stage, copies, (ids,))
 
     def reshard(self) -> None:
         """Shard every FSDP unit again: free its gathered copy and put back the fp32 shards the optimizer holds.
@@ -264,8 +271,7 @@ class ParallelOLMo:
                 stage.set_requires_gradient_sync(last)
                 if keep_gathered:
                     stage.set_reshard_after_backward(last)
-            with self._autocast():
-                loss = self.losses(stage(ids), target)
+            loss = self.losses(self._forward(stage, ids), target)
             loss.backward()
 
     def _sum_tied_gradients(self) -> None:

@@ -165,12 +165,8 @@ class Placement:
     @property
     def fsdp(self) -> bool:
         """Whether FSDP2 wraps the stages: in every multi-rank run, also over a DP mesh of one rank
-        (megaolmo.model.parallelize shards whenever a device mesh exists); one process trains under autocast instead."""
+        (megaolmo.model.parallelize shards whenever a device mesh exists); one process casts as FSDP would."""
         return self.layout.world_size > 1
-
-    @property
-    def autocast(self) -> bool:
-        return self.work.bf16 and not self.fsdp
 
     @property
     def padded_vocab(self) -> int:

@@ -25,8 +25,9 @@ kept for the whole step with reshard_after_forward=False: from forward to
 backward, and from one micro-batch to the next); with gradient
 accumulation an unsharded fp32 accumulated gradient per parameter; and under
 torch.distributed.pipelining (pp > 1) no reduce-scatter until the last
-micro-batch. One process has no FSDP: fp32 weights and gradients, and
-autocast's bf16 weight copies.
+micro-batch. One process has no FSDP: fp32 weights and gradients, and in bf16
+the copies of every weight it casts for a forward, FSDP's mixed precision
+without the sharding.
 
 The peak is the largest of a few moments of the step: the first backward (the
 most micro-batches in flight, no gradients yet), the steady state (gradients
@@ -71,10 +72,10 @@ class RankMemory:
 
 
 def dtype_bytes(placement: Placement) -> tuple[int, int]:
-    """(compute, residual stream) bytes per element: bf16 compute keeps an fp32 residual under autocast."""
+    """(compute, residual stream) bytes per element: the residual stream flows in the compute dtype on every
+    layout (FSDP's mixed precision, which one process applies too)."""
     compute = BF16 if placement.work.bf16 else FP32
-    residual = BF16 if placement.work.bf16 and not placement.autocast else FP32
-    return compute, residual
+    return compute, compute
 
 
 def block_activation_terms(placement: Placement, recompute: str | None = None) -> dict[str, float]:
@@ -92,8 +93,7 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
         return {"block input (full recompute)": residual * rows * h}
     terms: dict[str, float] = {}
     if work.kernels == "triton":  # keeps its output (which the next linear shares) and rstd
-        cast = compute if compute != residual else 0  # autocast's bf16 copy for the linear
-        terms["2 LayerNorms: output, rstd"] = 2 * rows * ((residual + cast) * h + STAT)
+        terms["2 LayerNorms: output, rstd"] = 2 * rows * (residual * h + STAT)
     else:  # F.layer_norm on x.float() keeps that fp32 input; the output in the compute dtype feeds the linear
         terms["2 LayerNorms: fp32 input, output, mean, rstd"] = 2 * rows * ((FP32 + compute) * h + 2 * STAT)
     # attn_out keeps its input: a copy of the attention output in [s, b, h], or with a batch of 1 a view of
@@ -111,8 +111,6 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
         terms["attention output as [s, b, h] for attn_out"] = tokens * q * compute
     swiglu = 3 if work.kernels == "triton" else 4  # [up | gate] and the product; torch also keeps silu(gate)
     terms[f"ff_proj output, SwiGLU ({swiglu}F)"] = tokens * swiglu * ffn * compute
-    if placement.autocast:
-        terms["bf16 weight copies (autocast)"] = BF16 * placement.block_params
     return terms
 
 
@@ -132,7 +130,7 @@ def logits_bytes(placement: Placement, dtype_bytes_: int | None = None) -> float
 
 def head_activation_bytes(placement: Placement) -> float:
     """What the final LayerNorm, the head and the loss keep per micro-batch: the norm's terms, the gathered hidden
-    states a tied head under SP keeps, autocast's bf16 copy of the head, and the loss's fp32 (log-)softmax."""
+    states a tied head under SP keeps, and the loss's fp32 (log-)softmax."""
     terms = block_activation_terms(placement, "none")
     norm = next(value for key, value in terms.items() if key.startswith("2 LayerNorms")) / 2
     layout, work = placement.layout, placement.work
@@ -140,9 +138,7 @@ def head_activation_bytes(placement: Placement) -> float:
     gathered = 0.0
     if placement.model.weight_tying and layout.sequence_parallel and layout.tp > 1:
         gathered = compute * work.seq_len * layout.micro_batch_size * placement.model.d_model
-    rows, d = placement.embedding_shape
-    autocast_head = BF16 * rows * d if placement.autocast else 0.0
-    return norm + gathered + autocast_head + logits_bytes(placement, FP32)
+    return norm + gathered + logits_bytes(placement, FP32)
 
 
 def _recompute_bytes(placement: Placement) -> float:
@@ -204,8 +200,9 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
             unit_temporary = compute * unit if work.bf16 else FP32 * _largest_param(placement)
         else:  # the reduce-scatter input (fp32) of a unit, next to its fresh grads when nothing accumulates
             unit_temporary = FP32 * unit + (0 if accumulates else compute * unit)
-    else:
-        gathered, grads = {}, {"gradients (fp32)": FP32 * unsharded}
+    else:  # one process: the compute-dtype copies it casts for each forward live until its backward
+        gathered = {f"{precision} weight copies (cast for the step)": compute * unsharded} if work.bf16 else {}
+        grads = {"gradients (fp32)": FP32 * unsharded}
         unit_temporary = FP32 * _largest_param(placement)  # a new gradient before it is added to .grad
     # Inside a block's backward its activation gradients (and any recompute) are alive; the unit's gradient
     # temporaries come at its end, when the block's own activations are gone: one or the other. The loss's
