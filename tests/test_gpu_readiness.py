@@ -6,7 +6,11 @@ a GPU cannot run refused at start-up, and device state (TF32, peak memory) set w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
+import types
+from typing import ClassVar
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from megaolmo.config import Config, ConfigError, Fp8Config, ParallelConfig, Trai
 from megaolmo.data import shifted_labels
 from megaolmo.model import build_model
 from megaolmo.model.engine import ParallelOLMo
-from megaolmo.model.fp8 import apply_tf32, check_backend
+from megaolmo.model.fp8 import apply_fp8, apply_tf32, check_backend
 from megaolmo.model.init import full_shape, init_parameters, mitchell_std, parameter_seed
 from megaolmo.parallel.pipeline import Schedule
 
@@ -180,3 +184,54 @@ def test_schedules_without_return_outputs_or_eval_fall_back() -> None:
     new.step(torch.zeros(1), target=None)
     new.eval(torch.zeros(1), target=None)
     assert new.schedule.calls == [({"return_outputs": False}, True), ({"eval": True}, False)]
+
+
+class _FakeTeLinear(nn.Linear):
+    """te.Linear's calling convention: a forward that takes `is_first_microbatch`, recorded here."""
+
+    calls: ClassVar[list[bool | None]] = []
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, params_dtype, device) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
+
+    def forward(self, x: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
+        _FakeTeLinear.calls.append(is_first_microbatch)
+        return super().forward(x)
+
+    def get_extra_state(self) -> None:
+        return None
+
+    def set_extra_state(self, state: None) -> None:
+        del state
+
+
+_FakeTeLinear.__module__ = "transformer_engine.pytorch.module.linear"
+
+
+def _fake_transformer_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Just enough of transformer_engine for apply_fp8 to build TE linears on CPU."""
+    pytorch = types.SimpleNamespace(Linear=_FakeTeLinear, fp8_autocast=lambda **kwargs: contextlib.nullcontext())
+    formats = types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3")
+    recipe = types.SimpleNamespace(Format=formats, DelayedScaling=lambda **kwargs: kwargs)
+    common = types.SimpleNamespace(recipe=recipe)
+    package = types.SimpleNamespace(pytorch=pytorch, common=common)
+    for name, module in {"transformer_engine": package, "transformer_engine.pytorch": pytorch,
+                         "transformer_engine.common": common, "transformer_engine.common.recipe": recipe}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_te_casts_the_weights_once_per_step_and_every_time_in_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_transformer_engine(monkeypatch)
+    model = ParallelOLMo(small_model(n_layers=1), ParallelConfig())
+    (stage,) = model.stages
+    apply_fp8(stage, linear="te", config=Fp8Config(), n_layers=1)
+    ids = torch.randint(0, 256, (6, 16))
+    for _ in range(2):
+        _FakeTeLinear.calls.clear()
+        model.forward_backward(ids, shifted_labels(ids), micro_batch_size=2)
+        per_linear = len(_FakeTeLinear.calls) // 3
+        assert per_linear == 4  # the block's four linears, three micro-batches
+        assert _FakeTeLinear.calls == [True] * per_linear + [False] * 2 * per_linear
+    _FakeTeLinear.calls.clear()
+    model.evaluate(ids, shifted_labels(ids), micro_batch_size=2)
+    assert _FakeTeLinear.calls == [None] * 12

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
 from megaolmo.data.labels import IGNORE_INDEX
-from megaolmo.model.fp8 import check_backend, emulates, preserved_scaling_states
+from megaolmo.model.fp8 import begin_fp8_step, check_backend, emulates, preserved_scaling_states
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel import tensor_parallel_layers
 from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -183,6 +183,7 @@ class ParallelOLMo:
         if self.mesh.dp_group is not None:
             dist.all_reduce(tokens, group=self.mesh.dp_group)
         self.losses.begin(normalizer=max(int(tokens), 1))
+        begin_fp8_step(self.stages)  # TE casts the weights to FP8 at the first micro-batch, then reuses them
         if self.parallel.pp == 1:
             self._accumulate(input_ids, labels, micro_batch_size)
         else:

@@ -104,8 +104,56 @@ def apply_fp8(
             continue
         layer.linear = _torchao_linear(local, config, emulate) if linear == "torchao" else _te_linear(local)
     if linear == "te":
-        stage.forward = functools.partial(_te_autocast_forward, stage.forward, te_recipe(config), amax_group)
+        microbatch = _FirstMicrobatch()
+        for module in stage.modules():
+            if _is_te(module):
+                module.forward = functools.partial(_te_linear_forward, module.forward, microbatch)
+        stage.forward = functools.partial(
+            _te_autocast_forward, stage.forward, te_recipe(config), amax_group, microbatch
+        )
+        setattr(stage, _MICROBATCH_ATTRIBUTE, microbatch)
     return kept
+
+
+_MICROBATCH_ATTRIBUTE = "_megaolmo_fp8_microbatch"
+
+
+class _FirstMicrobatch:
+    """What Transformer Engine's `is_first_microbatch` should say to the stage's FP8 linears.
+
+    TE casts a weight to FP8 when told True and reuses that cast when told False: the weights do not change
+    within a step, so casting them once per step, not once per micro-batch, is what the step needs. None
+    (forward-only passes, whose batches are not a step's) casts every time, as TE does by default.
+    """
+
+    def __init__(self) -> None:
+        self.fresh, self.value = True, None
+
+    def begin_step(self) -> None:
+        self.fresh = True
+
+    def enter_forward(self) -> None:
+        """At each stage forward (one micro-batch): True for the step's first, False after, None without grad."""
+        if torch.is_grad_enabled():
+            self.value, self.fresh = self.fresh, False
+        else:
+            self.value = None
+
+
+def begin_fp8_step(stages: list[nn.Module]) -> None:
+    """Tell the stages' Transformer Engine linears that a new step (new weights) begins; nothing without TE."""
+    for stage in stages:
+        microbatch = getattr(stage, _MICROBATCH_ATTRIBUTE, None)
+        if microbatch is not None:
+            microbatch.begin_step()
+
+
+def _is_te(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformer_engine")
+
+
+def _te_linear_forward(forward, microbatch: _FirstMicrobatch, x: torch.Tensor) -> torch.Tensor:
+    return forward(x, is_first_microbatch=microbatch.value)
 
 
 def _torchao_linear(local: nn.Linear, config: Fp8Config, emulate: bool) -> nn.Module:
@@ -143,10 +191,11 @@ def te_recipe(config: Fp8Config):
     return recipe.MXFP8BlockScaling(fp8_format=fp8_format)
 
 
-def _te_autocast_forward(forward, recipe, amax_group, *args, **kwargs):
+def _te_autocast_forward(forward, recipe, amax_group, microbatch: _FirstMicrobatch, *args, **kwargs):
     """Each stage forward (one micro-batch) inside fp8_autocast, the amax reduced over TP x DP."""
     import transformer_engine.pytorch as te
 
+    microbatch.enter_forward()
     with te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group):
         return forward(*args, **kwargs)
 
@@ -159,7 +208,7 @@ def scaling_states(stage: nn.Module) -> dict[str, io.BytesIO]:
     """
     states = {}
     for name, module in stage.named_modules():
-        if type(module).__module__.startswith("transformer_engine"):
+        if _is_te(module):
             buffer = io.BytesIO()
             torch.save(module.get_extra_state(), buffer)
             states[name] = buffer

@@ -204,6 +204,8 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
         gathered = {f"{precision} weight copies (cast for the step)": compute * unsharded} if work.bf16 else {}
         grads = {"gradients (fp32)": FP32 * unsharded}
         unit_temporary = FP32 * _largest_param(placement)  # a new gradient before it is added to .grad
+    if placement.model.linear == "te":  # cast to FP8 at a step's first micro-batch, reused by the others
+        gathered = {**gathered, "FP8 weight casts (Transformer Engine, kept for the step)": rank.layers * block}
     # Inside a block's backward its activation gradients (and any recompute) are alive; the unit's gradient
     # temporaries come at its end, when the block's own activations are gone: one or the other. The loss's
     # backward makes two fp32 gradients of the logits.
