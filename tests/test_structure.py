@@ -125,6 +125,41 @@ def test_importing_megaolmo_leaves_triton_alone() -> None:
     assert result.stdout.strip() == "False"
 
 
+# Everything megaolmo installs besides torch and triton (setup.py), as absent as on a bare GPU node; numpy
+# stays, which Triton's interpreter (how the kernel tests run on CPU) needs itself.
+BESIDES_TORCH = ["yaml", "omegaconf", "hydra", "hydra_plugins", "safetensors", "tokenizers", "tqdm",
+                 "tensorboard", "matplotlib", "submitit", "transformers", "torchao"]  # fmt: skip
+WITHOUT_THEM = f"""
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BESIDES_TORCH!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_kernels_and_their_tests_need_only_torch_triton_and_pytest() -> None:
+    """On a GPU node with nothing but torch, triton and pytest, the kernels import, the model builds and runs
+    with them, and the kernel tests collect."""
+    run = (
+        WITHOUT_THEM
+        + """
+import megaolmo.kernels
+import torch
+from megaolmo import ModelConfig, build_model
+model = build_model(ModelConfig(d_model=64, n_layers=1, n_heads=4, ffn_hidden_size=96, vocab_size=256), device="cpu")
+assert model(torch.randint(0, 256, (1, 8))).shape == (1, 8, 256)
+import pytest
+sys.exit(pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", "tests/test_kernels.py"]))
+"""
+    )
+    bare = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # installed plugins (hydra's) are not there
+    result = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, cwd=ROOT, env=bare,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
 def test_wheel_installs_everything_and_runs_without_the_checkout(tmp_path: Path) -> None:
     """`pip install .` (no -e) into a fresh environment: the entry points run from a directory with no checkout."""
     source, wheels = tmp_path / "source", tmp_path / "wheels"

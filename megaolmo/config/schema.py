@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from megaolmo.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
@@ -127,6 +125,8 @@ class ModelConfig:
         path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(model_presets())}")
+        from omegaconf import OmegaConf  # the configs' own reader; the model itself needs only torch
+
         values = OmegaConf.to_container(OmegaConf.load(path))
         return cls(**{**values, **overrides})
 
