@@ -18,6 +18,7 @@ from megaolmo.plan.layout import Layout, Placement
         ("olmo_7b", "0 0 0 0-31", "63 0 0 0-31"),
         # tp8 x pp4 x vp2 over 80 blocks: rank 0 runs stages 0 and 4, the last rank (pp rank 3) stages 3 and 7
         ("olmo_65b", "0 0 0,4 0-9,40-49", "511 3 3,7 30-39,70-79"),
+        ("olmo_65b_1024", "0 0 0,4,8,12 0-4,20-24,40-44,60-64", "1023 3 3,7,11,15 15-19,35-39,55-59,75-79"),
     ],
 )
 def test_dry_run_of_a_recipe_equals_the_plan(
