@@ -89,8 +89,13 @@ def parallelize_olmo(
     fp8: Fp8Config,
     fp8_emulated: bool = False,
     amax_group=None,
+    materialize: bool = True,
 ) -> Stages:
-    """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, FSDP, in order."""
+    """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, FSDP, in order.
+
+    `materialize=False` leaves them on the meta device, uninitialized and without FP8 (which keeps the
+    weights' shapes): the stages a dry run measures, at any world size, without allocating them.
+    """
     config, parallel = layout.model, layout.parallel
     count = parallel.pp * parallel.vp
     ranges = stage_layer_ranges(layout.stage_layers)
@@ -102,16 +107,17 @@ def parallelize_olmo(
         stage.keep_stage(ranges[stage_id], first=stage_id == 0, last=stage_id == count - 1)
         apply_tensor_parallel(stage, mesh, parallel.sequence_parallel)
         apply_activation_checkpointing(stage, parallel.activation_checkpointing)
-        stage.to_empty(device=mesh.device)
-        init_parameters(stage, config, seed)
-        stages.high_precision_layers += apply_fp8(
-            stage,
-            linear=config.linear,
-            config=fp8,
-            n_layers=config.n_layers,
-            amax_group=amax_group,
-            emulate=fp8_emulated,
-        )
+        if materialize:
+            stage.to_empty(device=mesh.device)
+            init_parameters(stage, config, seed)
+            stages.high_precision_layers += apply_fp8(
+                stage,
+                linear=config.linear,
+                config=fp8,
+                n_layers=config.n_layers,
+                amax_group=amax_group,
+                emulate=fp8_emulated,
+            )
         apply_data_parallel(stage, mesh, param_dtype=param_dtype, reshard=parallel.reshard_after_forward)
         stages.modules.append(stage)
     return stages

@@ -8,14 +8,12 @@ FSDP2-wrapped on the meta device, so nothing is allocated even for 65B on 512 ra
 compared with the planner's figures: parameters, fp32 weight, gradient and AdamW bytes, and the blocks of each
 stage module.
 
-The stages are built with parallelize.py's steps, in its order, not by `ParallelOLMo`: that materializes and
-initializes each stage on the mesh's device (`to_empty`, `init_parameters`), which a dry run skips. The FP8 swap
-is skipped too (it keeps every weight's shape, and Transformer Engine needs a GPU).
+The stages are the ones `parallelize_olmo` builds for training, with `materialize=False`: left on the meta
+device, neither initialized nor swapped to FP8 (which keeps every weight's shape; Transformer Engine needs a GPU).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import pickle
@@ -29,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from megaolmo.config import Config, ResolvedLayout, resolve
+from megaolmo.config import Config, Fp8Config, ResolvedLayout, resolve
 from megaolmo.errors import ConfigError
 from megaolmo.model.olmo import OLMo
-from megaolmo.model.parallelize import apply_activation_checkpointing, apply_data_parallel, apply_tensor_parallel
+from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel.mesh import ParallelMesh
 from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
 from megaolmo.plan.layout import Placement
@@ -76,22 +74,9 @@ def default_ranks(world_size: int) -> list[int]:
 
 
 def build_stages(layout: ResolvedLayout, mesh: ParallelMesh, param_dtype: torch.dtype) -> list[tuple[int, OLMo]]:
-    """This rank's (stage id, stage module) on the meta device, as parallelize_olmo cuts and shards them."""
-    parallel = layout.parallel
-    count = parallel.pp * parallel.vp
-    ranges = stage_layer_ranges(layout.stage_layers)
-    ids = stages_of_rank(mesh.pp_rank, parallel.pp, parallel.vp)
-    with torch.device("meta"):
-        whole = OLMo(layout.model)
-    stages = []
-    for stage_id in ids:
-        stage = copy.deepcopy(whole) if len(ids) > 1 else whole
-        stage.keep_stage(ranges[stage_id], first=stage_id == 0, last=stage_id == count - 1)
-        apply_tensor_parallel(stage, mesh, parallel.sequence_parallel)
-        apply_activation_checkpointing(stage, parallel.activation_checkpointing)
-        apply_data_parallel(stage, mesh, param_dtype=param_dtype, reshard=parallel.reshard_after_forward)
-        stages.append((stage_id, stage))
-    return stages
+    """This rank's (stage id, stage module) on the meta device, cut and sharded by parallelize_olmo itself."""
+    stages = parallelize_olmo(layout, mesh, seed=0, param_dtype=param_dtype, fp8=Fp8Config(), materialize=False)
+    return list(zip(stages.ids, stages.modules))
 
 
 def _measure(stage: OLMo) -> tuple[int, int, int]:
