@@ -20,6 +20,15 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    """The rows as CSV: the union of their keys in first-seen order as the header."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_rows(rows: list[dict[str, object]], out: str | None) -> None:
     """Print the table; with `out` ending in .csv or .json, also write the rows there."""
     print(format_table(rows))
@@ -29,11 +38,7 @@ def write_rows(rows: list[dict[str, object]], out: str | None) -> None:
     if path.suffix == ".json":
         path.write_text(json.dumps(rows, indent=2) + "\n")
     elif path.suffix == ".csv":
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, rows)
     else:
         raise ValueError(f"--out {out}: use a .csv or .json file name")
     print(f"wrote {path}")

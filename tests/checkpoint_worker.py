@@ -15,6 +15,7 @@ does under NCCL.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +23,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from gloo_groups import run_each_on_its_group
-from plan_worker import peak_live_bytes
+from plan_worker import MODEL as PLANNED_MODEL
+from plan_worker import VOCAB, peak_live_bytes
 from torch.distributed.checkpoint import FileSystemReader
 from torch.profiler import ProfilerActivity, profile
 
 from megaolmo.checkpoint import sharded
 from megaolmo.checkpoint.dcp_io import VerifyingReader
-from megaolmo.config import ModelConfig, OptimConfig, ParallelConfig
+from megaolmo.config import OptimConfig, ParallelConfig
 from megaolmo.model.engine import ParallelOLMo
 from megaolmo.train.optim import build_optimizer
 
-SEQ_LEN, GLOBAL_BATCH, VOCAB = 32, 8, 512
-MODEL = ModelConfig(
-    d_model=128, n_layers=4, n_heads=4, ffn_hidden_size=352, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
-    kernels="torch",
-)  # fmt: skip
+SEQ_LEN, GLOBAL_BATCH = 32, 8
+MODEL = dataclasses.replace(PLANNED_MODEL, max_sequence_length=SEQ_LEN)  # the planner tests' model, shorter
 
 
 @dataclass

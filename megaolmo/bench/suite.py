@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from megaolmo.errors import MegaolmoError
+from megaolmo.tables import write_csv
 
 PARTS = ("environment", "gpu-tests", "kernels", "step", "train")
 # Seconds each part may take (GPU, CPU): caps, well above what a healthy run needs.
@@ -168,7 +169,7 @@ def run_environment(suite: Suite, part: Part) -> dict[str, str]:
     if output is None:
         return {}
     info = json.loads(output.strip().splitlines()[-1])
-    _write_csv(suite.out / "environment.csv", [{"key": key, "value": value} for key, value in info.items()])
+    write_csv(suite.out / "environment.csv", [{"key": key, "value": value} for key, value in info.items()])
     part.headline = f"{info['gpu']}; torch {info['torch']}, CUDA {info['cuda']}, Triton {info['triton']}"
     return info
 
@@ -182,7 +183,7 @@ def run_gpu_tests(suite: Suite, part: Part) -> None:
     output = suite.run(part, command + suite.extra.get(part.name, []), timeout=suite.budget(part.name), cwd=CHECKOUT)
     counts = _pytest_counts(output if output is not None else part.tail)
     if counts:
-        _write_csv(suite.out / "gpu-tests.csv", [{"outcome": key, "tests": value} for key, value in counts.items()])
+        write_csv(suite.out / "gpu-tests.csv", [{"outcome": key, "tests": value} for key, value in counts.items()])
         part.headline = ", ".join(f"{value} {key}" for key, value in counts.items())
     if output is not None and not suite.gpu:
         part.headline += " (no GPU: every GPU test skips)"
@@ -216,7 +217,7 @@ def run_kernels(suite: Suite, part: Part) -> None:
     # Without a GPU the benchmark checks the kernels through Triton's interpreter and writes no rows: keep those.
     checks = re.findall(r"^\s+(\w+)\s+max \|triton - torch\| = (\S+)\s+(ok|MISMATCH)$", output, re.MULTILINE)
     rows = [{"op": op, "max abs error vs torch": error, "check": check} for op, error, check in checks]
-    _write_csv(csv_path, rows)
+    write_csv(csv_path, rows)
     part.headline = "no GPU, interpreter check only: " + ", ".join(f"{op} {check}" for op, _error, check in checks)
 
 
@@ -259,7 +260,7 @@ def run_train(suite: Suite, part: Part) -> None:
         return
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [record for record in records if "loss" in record]
-    _write_csv(suite.out / "train.csv", train)
+    write_csv(suite.out / "train.csv", train)
     speed = statistics.median(record["tokens_per_second"] for record in train)
     peak = max(record.get("peak_memory_gib", 0.0) for record in records)
     part.headline = (
@@ -275,14 +276,6 @@ RUNNERS: dict[str, Callable[[Suite, Part], object]] = {
     "step": run_step,
     "train": run_train,
 }
-
-
-def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

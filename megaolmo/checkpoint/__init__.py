@@ -28,7 +28,6 @@ import torch
 
 from megaolmo.checkpoint.consolidated import (
     ConsolidatedTensors,
-    check_specs,
     load_consolidated,
     save_consolidated,
     write_consolidated,
@@ -61,11 +60,7 @@ def open_tensors(path: str | Path) -> Tensors:
     """The tensors of a consolidated or a sharded (training) checkpoint, checked against its model config
     on open and read one at a time (`.config`, `.specs`, `.read(name)`)."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        return ConsolidatedTensors(path)
-    tensors = ShardedTensors(path)
-    check_specs(tensors.config, tensors.specs, str(path))
-    return tensors
+    return ShardedTensors(path) if (path / STATE_FILE).is_file() else ConsolidatedTensors(path)
 
 
 def load_state_dict(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megaolmo.atomic import fsync_dir, write_durably
+from megaolmo.checkpoint.consolidated import check_specs
 from megaolmo.checkpoint.dcp_io import Entry, HashingWriter, ShareSavePlanner, VerifyingReader, read_entries
 from megaolmo.checkpoint.directory import MANIFEST_FILE, apply_retention, checkpoint_name, update_latest
 from megaolmo.checkpoint.shares import Share, share_of, whole
@@ -388,7 +389,8 @@ def restore_sharded(path: Path, model, optimizer: torch.optim.Optimizer) -> dict
 class ShardedTensors:
     """The model tensors of a sharded checkpoint (any layout wrote it), read one at a time in one process.
 
-    Conversions and evaluation stream through it: reading a tensor holds that tensor only.
+    Conversions and evaluation stream through it: reading a tensor holds that tensor and, one at a time,
+    the saved chunks it is read from (their bytes and their tensor).
     """
 
     def __init__(self, path: Path) -> None:
@@ -399,10 +401,11 @@ class ShardedTensors:
             for key, md in self._metadata.state_dict_metadata.items()
             if key.startswith("model/")
         }
+        check_specs(self.config, self.specs, str(path))
 
     def read(self, name: str) -> torch.Tensor:
         shape, dtype = self.specs[name]
-        tensor = torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype, device="cpu")
         read_entries(self._reader, self._metadata, {f"model/{name}": whole(tensor)})
         return tensor
 

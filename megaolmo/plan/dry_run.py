@@ -33,11 +33,10 @@ from megaolmo.model.olmo import OLMo
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel.mesh import ParallelMesh
 from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
+from megaolmo.plan.hardware import GIB
 from megaolmo.plan.layout import Placement
 from megaolmo.plan.memory import checkpoint_share, plan_memory
 from megaolmo.tables import format_table
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
