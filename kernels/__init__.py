@@ -1,8 +1,9 @@
-"""RoPE, SwiGLU and parameter-free LayerNorm: fused Triton kernels and their pure-torch twins.
+"""RoPE, SwiGLU, parameter-free LayerNorm and RMSNorm: fused Triton kernels and their pure-torch twins.
 
 Public API, each differentiable and each with the semantics of `reference`:
 
 - `layer_norm(x, eps=1e-5)`: LayerNorm over the last dim, no weight or bias, fp32 statistics.
+- `rms_norm(x, weight, eps=1e-6)`: OLMo-2's RMSNorm with a learned weight, fp32 statistics, x's dtype out.
 - `swiglu(x)`: `silu(gate) * up` for x = [..., 2F] laid out as OLMo's [up | gate].
 - `apply_rope(q, k, cos, sin)`: rotate_half RoPE of q and k in fp32, one launch.
 
@@ -25,13 +26,7 @@ from megaolmo.kernels import reference
 from megaolmo.kernels.reference import rope_cos_sin
 
 BACKENDS = ("auto", "torch", "triton")
-_PUBLIC = ("layer_norm", "swiglu", "apply_rope")
-
-
-@functools.lru_cache(maxsize=16)
-def rope_cos_sin_cached(seq_len: int, head_dim: int, theta: float, device: torch.device):
-    """cos/sin for positions 0..seq_len-1, computed once per (length, device) and shared by every block."""
-    return rope_cos_sin(torch.arange(seq_len, device=device), head_dim, theta)
+_PUBLIC = ("layer_norm", "rms_norm", "swiglu", "apply_rope")
 
 
 @functools.cache
@@ -50,7 +45,7 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def get(backend: str, device: torch.device) -> ModuleType:
-    """The module holding `layer_norm`, `swiglu` and `apply_rope` for `model.kernels=backend` on `device`."""
+    """The module holding the ops of `_PUBLIC` (the norms, SwiGLU, RoPE) for `model.kernels=backend` on `device`."""
     if resolve(backend, device) == "torch":
         return reference
     if not triton_available():
@@ -71,7 +66,7 @@ __all__ = [
     "layer_norm",
     "reference",
     "resolve",
+    "rms_norm",
     "rope_cos_sin",
-    "rope_cos_sin_cached",
     "swiglu",
 ]

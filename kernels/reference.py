@@ -1,7 +1,7 @@
 """Pure-torch references of the element-wise and row-wise ops around OLMo's GEMMs.
 
 They define the semantics (and the numerics OLMo and Hugging Face use) that any
-fused implementation must reproduce: fp32 statistics for the norm, fp32
+fused implementation must reproduce: fp32 statistics for the norms, fp32
 rotation for RoPE, OLMo's [up | gate] order for SwiGLU.
 """
 
@@ -14,6 +14,21 @@ import torch.nn.functional as F
 def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim without weight or bias, computed in fp32, returned in x's dtype."""
     return F.layer_norm(x.float(), (x.shape[-1],), None, None, eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim with a learned weight (OLMo-2 and OLMo-3's norm), returned in x's dtype.
+
+    allenai/OLMo's RMSLayerNorm normalizes in fp32, casts back to x's dtype, and only then multiplies by
+    the weight; the weight is cast to x's dtype too, so the result is in x's dtype whatever the weight's
+    (an fp32 master weight would otherwise promote a bf16 activation to fp32). In fp32 this is exactly
+    transformers' Olmo2RMSNorm, `(weight * x_hat).to(x.dtype)`; in bf16 it rounds x_hat to bf16 before
+    the multiply, as OLMo does, where Olmo2RMSNorm multiplies in fp32 and rounds once. float64 stays
+    float64 rather than dropping to fp32, so tests can take this as their exact reference.
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    x_hat = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight.to(x.dtype) * x_hat
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

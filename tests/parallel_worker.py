@@ -27,6 +27,18 @@ MODELS = {
         n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1030, max_sequence_length=SEQ_LEN,
         weight_tying=False, clip_qkv=0.5, kernels="torch",
     ),
+    # OLMo-3: OLMo-2's block (RMSNorm after each sublayer, QK-norm over all heads), GQA, windows of 5 keys on
+    # blocks 0-2 and full attention with YaRN on block 3 (scaled past an original context of 8).
+    "olmo3": small_model(
+        arch="olmo3", n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1030, max_sequence_length=SEQ_LEN,
+        weight_tying=False, layer_norm_eps=1e-6, sliding_window=5, rope_theta=500000.0, rope_scaling="yarn",
+        rope_scaling_factor=2.0, rope_original_max_position=8, kernels="torch",
+    ),
+    # OLMo-2 with a tied embedding (a norm weight on every stage, the embedding on the first and last).
+    "olmo2_tied": small_model(
+        arch="olmo2", n_layers=4, vocab_size=1030, max_sequence_length=SEQ_LEN, weight_tying=True,
+        layer_norm_eps=1e-6, kernels="torch",
+    ),
     # torchao FP8 GEMMs; under TP each rank scales its own shard, so results match one process only approximately.
     "fp8": small_model(
         n_layers=4, vocab_size=1030, max_sequence_length=SEQ_LEN, weight_tying=True, kernels="torch", linear="torchao"

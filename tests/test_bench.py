@@ -27,7 +27,7 @@ def test_without_a_gpu_it_says_so_and_smoke_checks_the_kernels(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("no CUDA GPU")
-    assert [line.split()[0] for line in lines[1:]] == ["layer_norm", "swiglu", "rope"]
+    assert [line.split()[0] for line in lines[1:]] == ["layer_norm", "rms_norm", "swiglu", "rope"]
     assert all(line.endswith("ok") for line in lines[1:])
 
 
@@ -57,7 +57,9 @@ def test_gpu_run_reports_every_op_and_mode(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {(row["op"], row["mode"]) for row in rows} == {
-        (op, mode) for op in ("layer_norm", "swiglu", "rope") for mode in ("forward", "backward", "forward+backward")
+        (op, mode)
+        for op in ("layer_norm", "rms_norm", "swiglu", "rope")
+        for mode in ("forward", "backward", "forward+backward")
     }
     columns = ["op", "shape", "mode", "ms", "GB/s", "%copy"]
     figures = ["ms", "GB/s", "%copy"]

@@ -129,3 +129,83 @@ def test_sequence_longer_than_the_context_is_refused() -> None:
     model = build("tied")
     with pytest.raises(ValueError, match="max_sequence_length=24"):
         model(torch.zeros(1, MAX_SEQ + 1, dtype=torch.long))
+
+
+# OLMo-2 and OLMo-3: the pieces beside the block (the block itself is checked against transformers in
+# test_generations.py and on every layout in test_parallel.py)
+
+OLMO3 = small_model(arch="olmo3", sliding_window=4, n_layers=4, n_kv_heads=2, layer_norm_eps=1e-6, kernels="torch")
+
+
+def test_sliding_window_attention_sees_the_window_and_itself() -> None:
+    from megaolmo.model.olmo import causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(9, 2, 4, 8) for _ in range(3))  # [s, b, heads, hd]
+    out = causal_attention(q, k, v, "sdpa", window=3)
+    for i in range(9):
+        keys = slice(max(0, i - 2), i + 1)  # three keys: i-2, i-1, i
+        scores = torch.einsum("bhd,jbhd->bhj", q[i], k[keys]) / 8**0.5
+        expected = torch.einsum("bhj,jbhd->bhd", scores.softmax(-1), v[keys])
+        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(causal_attention(q, k, v, "sdpa", window=9), causal_attention(q, k, v, "sdpa"))
+
+
+def test_olmo3_layer_types_and_yarn_placement() -> None:
+    from megaolmo.model.olmo import OLMo
+
+    assert OLMO3.block_layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    yarn = dataclasses.replace(OLMO3, rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_position=8)
+    with torch.device("meta"):
+        blocks = list(OLMo(yarn).blocks.values())
+    assert [block.window for block in blocks] == [4, 4, 4, None]
+    assert [block.yarn is not None for block in blocks] == [False, False, False, True]
+
+
+def test_yarn_tables_equal_transformers() -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megaolmo.model.rope import Yarn, rope_tables
+
+    for attention_factor in (None, 1.3):
+        hf_config = transformers.Olmo2Config(
+            hidden_size=96, num_attention_heads=6, max_position_embeddings=64, rope_theta=500000.0,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                          "attention_factor": attention_factor},
+        )  # fmt: skip
+        inverse, scale = ROPE_INIT_FUNCTIONS["yarn"](hf_config, torch.device("cpu"))
+        angles = torch.outer(torch.arange(40, dtype=torch.float32), inverse)
+        yarn = Yarn(factor=4.0, original_max_position=16, attention_factor=attention_factor)
+        cos, sin = rope_tables(40, 16, 500000.0, torch.device("cpu"), yarn)
+        assert torch.equal(cos, angles.cos() * scale) and torch.equal(sin, angles.sin() * scale)
+
+
+def test_olmo2_init_is_normal_with_norms_at_one() -> None:
+    config = small_model(arch="olmo2", d_model=128, n_heads=4, vocab_size=4096, weight_tying=False, kernels="torch")
+    model = build_model(config, seed=3)
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or name == "ln_f.weight":
+            assert torch.equal(param, torch.ones_like(param)), name
+        else:  # every weight, the embedding too: N(0, 0.02) cut at 3 std
+            assert abs(param.std().item() - 0.02) < 0.002 and param.abs().max().item() <= 0.06, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"arch": "olmo4"}, "model.arch='olmo4' is not one of olmo1, olmo2, olmo3"),
+        ({"arch": "olmo2", "sliding_window": 8}, "set model.arch=olmo3"),
+        ({"arch": "olmo3"}, "model.sliding_window=None must be a positive integer"),
+        ({"arch": "olmo3", "sliding_window": 8, "layer_types": ["full_attention"]}, "for each of the model.n_layers"),
+        ({"rope_scaling": "linear"}, "model.rope_scaling='linear' is not one of yarn"),
+        ({"rope_scaling": "yarn"}, "model.rope_original_max_position=None must be the positive"),
+        ({"init_fn": "xavier"}, "model.init_fn='xavier' is not one of auto, mitchell, normal"),
+    ],
+)
+def test_generation_fields_are_checked_in_one_line(overrides: dict, needle: str) -> None:
+    from megaolmo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        small_model(**overrides)
+    assert needle in str(error.value) and "\n" not in str(error.value)

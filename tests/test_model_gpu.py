@@ -1,4 +1,5 @@
-"""The model on a GPU: bf16 autocast and flash-attn against SDPA (skipped without CUDA)."""
+"""The model on a GPU: bf16 autocast, flash-attn against SDPA, OLMo-3's windows and the fused norms (skipped
+without CUDA)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,33 @@ def test_bf16_autocast_logits_track_fp32() -> None:
     assert ((low.float() - reference).abs().max() / reference.abs().max()).item() < 3e-2
 
 
-def test_flash_attention_matches_sdpa() -> None:
+OLMO3 = dataclasses.replace(CONFIG, arch="olmo3", sliding_window=48, layer_norm_eps=1e-6, rope_theta=500000.0)
+
+
+@pytest.mark.parametrize("config", [CONFIG, OLMO3], ids=["olmo1", "olmo3_window48"])
+def test_flash_attention_matches_sdpa(config: ModelConfig) -> None:
     pytest.importorskip("flash_attn")
     torch.manual_seed(0)
-    sdpa = build_model(CONFIG, device="cuda").to(torch.bfloat16).eval()
-    flash = build_model(dataclasses.replace(CONFIG, attention="flash"), device="cuda").to(torch.bfloat16)
+    sdpa = build_model(config, device="cuda").to(torch.bfloat16).eval()
+    flash = build_model(dataclasses.replace(config, attention="flash"), device="cuda").to(torch.bfloat16)
     flash.load_state_dict(sdpa.state_dict())
     flash.eval()
     input_ids = torch.randint(0, 1000, (2, 128), device="cuda")
     with torch.no_grad():
         expected, got = sdpa(input_ids).float(), flash(input_ids).float()
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
+
+def test_olmo3_triton_kernels_match_torch_references() -> None:
+    """The fused RMSNorm (block norms and QK-norm) and RoPE on an OLMo-3 block, forward and backward, in fp32."""
+    torch.manual_seed(0)
+    reference = build_model(dataclasses.replace(OLMO3, kernels="torch"), device="cuda")
+    fused = build_model(dataclasses.replace(OLMO3, kernels="triton"), device="cuda")
+    fused.load_state_dict(reference.state_dict())
+    input_ids = torch.randint(0, 1000, (2, 128), device="cuda")
+    for model in (reference, fused):
+        model(input_ids).float().logsumexp(-1).mean().backward()
+    expected, got = reference(input_ids).detach(), fused(input_ids).detach()
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
+        assert ((b.grad - a.grad).abs().max() / a.grad.abs().max()).item() < 1e-3, name

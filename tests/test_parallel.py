@@ -1,4 +1,8 @@
-"""Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32)."""
+"""Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32).
+
+Each layout trains an OLMo-1 model and, as its `_olmo3` twin, an OLMo-3 one (OLMo-2's block with QK-norm, sliding
+windows and YaRN); the sequence-parallel layouts an OLMo-2 one with a tied embedding besides.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +43,14 @@ def _layouts() -> list[Layout]:
         Layout("tp2_sp_pp2_selective_ckpt", "tied", {"tp": 2, "pp": 2, "sequence_parallel": True,
                                                       "activation_checkpointing": "selective"}),
     ]  # fmt: skip
-    return layouts + extra
+    layouts += extra
+    twins = [dataclasses.replace(layout, name=f"{layout.name}_olmo3", model="olmo3") for layout in layouts]
+    olmo2 = [
+        dataclasses.replace(layout, name=f"{layout.name}_olmo2", model="olmo2_tied")
+        for layout in extra
+        if layout.parallel.get("sequence_parallel")
+    ]
+    return layouts + twins + olmo2
 
 
 LAYOUTS = _layouts()

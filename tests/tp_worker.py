@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from helpers import small_model
 
-from megaolmo.kernels import rope_cos_sin_cached
 from megaolmo.model.olmo import OLMoBlock
+from megaolmo.model.rope import rope_tables
 from megaolmo.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -83,7 +83,7 @@ def activation_bytes_per_block() -> tuple[int, int]:
     block.to_empty(device="cpu").to(torch.bfloat16)
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.05)
-    cos, sin = rope_cos_sin_cached(s, config.head_dim, config.rope_theta, torch.device("cpu"))
+    cos, sin = rope_tables(s, config.head_dim, config.rope_theta, torch.device("cpu"))
     not_activations = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
     storages: dict[int, int] = {}
 

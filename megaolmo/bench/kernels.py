@@ -1,4 +1,4 @@
-"""`python -m megaolmo.bench kernels`: the fused RoPE, SwiGLU and LayerNorm kernels against the alternatives.
+"""`python -m megaolmo.bench kernels`: the fused RoPE, SwiGLU, LayerNorm and RMSNorm kernels against the alternatives.
 
 For each op and mode (forward, backward, forward+backward) it reports the
 median time (`triton.testing.do_bench`, which flushes L2 before every run, over
@@ -22,7 +22,7 @@ import torch
 from megaolmo.config import ModelConfig
 from megaolmo.tables import write_rows
 
-OPS = ("layer_norm", "swiglu", "rope")
+OPS = ("layer_norm", "rms_norm", "swiglu", "rope")
 MODES = ("forward", "backward", "forward+backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROTATION = 4  # distinct input sets cycled through, so no run starts with its inputs in cache
@@ -45,7 +45,7 @@ def _outputs(result: object) -> list[torch.Tensor]:
 
 
 def cases(config: ModelConfig, tokens: int, dtype: torch.dtype) -> list[Case]:
-    """The three ops at the shapes one micro-batch of `tokens` tokens gives for this model."""
+    """Each op at the shapes one micro-batch of `tokens` tokens gives for this model."""
     from megaolmo.kernels import fused, reference
 
     seq = min(config.max_sequence_length, tokens)
@@ -59,12 +59,21 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype) -> list[Case]:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
 
+    def rms_weight() -> torch.Tensor:
+        """A trained-looking weight that requires grad, so every implementation computes dweight too."""
+        return (torch.randn(d, device="cuda") / 2 + 1).to(dtype).requires_grad_()
+
     compiled = {name: torch.compile(getattr(reference, name), dynamic=False) for name in OPS if name != "rope"}
     compiled["rope"] = torch.compile(reference.apply_rope, dynamic=False)
     ln_impls = {
         "megaolmo": lambda x: fused.layer_norm(x),
         "torch": lambda x: reference.layer_norm(x),
         "torch.compile": lambda x: compiled["layer_norm"](x),
+    }
+    rms_impls = {
+        "megaolmo": lambda x, w: fused.rms_norm(x, w),
+        "torch": lambda x, w: reference.rms_norm(x, w),
+        "torch.compile": lambda x, w: compiled["rms_norm"](x, w),
     }
     swiglu_impls = {
         "megaolmo": fused.swiglu,
@@ -76,7 +85,7 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype) -> list[Case]:
         "torch": lambda q, k: reference.apply_rope(q, k, cos, sin),
         "torch.compile": lambda q, k: compiled["rope"](q, k, cos, sin),
     }
-    add_optional_baselines(ln_impls, swiglu_impls, rope_impls, d, cos, sin, dtype)
+    add_optional_baselines(ln_impls, rms_impls, swiglu_impls, rope_impls, d, cos, sin, dtype)
     qk_bytes = seq * batch * (heads + kv) * hd * size
     return [
         Case(
@@ -86,6 +95,14 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype) -> list[Case]:
             forward_bytes=2 * rows * d * size + 4 * rows,
             backward_bytes=3 * rows * d * size + 4 * rows,
             impls=ln_impls,
+        ),
+        Case(
+            "rms_norm",
+            f"[{rows}, {d}]",
+            lambda: [randn(rows, d), rms_weight()],
+            forward_bytes=2 * rows * d * size + 4 * rows + d * size,
+            backward_bytes=3 * rows * d * size + 4 * rows + 2 * d * size,
+            impls=rms_impls,
         ),
         Case(
             "swiglu",
@@ -113,16 +130,21 @@ def _try_import(name: str):
         return None
 
 
-def add_optional_baselines(ln_impls, swiglu_impls, rope_impls, d_model, cos, sin, dtype) -> None:
+def add_optional_baselines(ln_impls, rms_impls, swiglu_impls, rope_impls, d_model, cos, sin, dtype) -> None:
     """Liger-Kernel, Transformer Engine and Apex, each only when it imports. Their APIs put the gate first
-    (Liger, TE) or carry an affine weight (Liger, TE): the bytes moved are the same, which is what is timed."""
+    (Liger, TE) or carry an affine weight (Liger, TE): the bytes moved are the same, which is what is timed.
+    TE's and Apex's RMSNorm modules hold their own weight, so they ignore the case's."""
     liger_ln = _try_import("liger_kernel.ops.layer_norm")
+    liger_rms = _try_import("liger_kernel.ops.rms_norm")
     liger_swiglu = _try_import("liger_kernel.ops.swiglu")
     liger_rope = _try_import("liger_kernel.ops.rope")
     if liger_ln is not None:
         ones = torch.ones(d_model, device="cuda", dtype=dtype)
         zeros = torch.zeros(d_model, device="cuda", dtype=dtype)
         ln_impls["liger"] = lambda x: liger_ln.LigerLayerNormFunction.apply(x, ones, zeros, 1e-5)
+    if liger_rms is not None:
+        # Liger's default "llama" casting is OLMo's: x_hat in fp32, cast to x's dtype, then the weight.
+        rms_impls["liger"] = lambda x, w: liger_rms.LigerRMSNormFunction.apply(x, w, 1e-6)
     if liger_swiglu is not None and hasattr(liger_swiglu, "LigerFusedGateUpSiLUMulFunction"):
         swiglu_impls["liger"] = lambda x: liger_swiglu.LigerFusedGateUpSiLUMulFunction.apply(x)
     if liger_rope is not None:
@@ -135,6 +157,8 @@ def add_optional_baselines(ln_impls, swiglu_impls, rope_impls, d_model, cos, sin
     if te is not None:
         te_ln = te.LayerNorm(d_model, params_dtype=dtype, device="cuda")
         ln_impls["transformer_engine"] = te_ln
+        te_rms = te.RMSNorm(d_model, eps=1e-6, params_dtype=dtype, device="cuda")
+        rms_impls["transformer_engine"] = lambda x, w: te_rms(x)
         te_rope = _try_import("transformer_engine.pytorch.attention.rope") or _try_import(
             "transformer_engine.pytorch.attention"
         )
@@ -149,6 +173,9 @@ def add_optional_baselines(ln_impls, swiglu_impls, rope_impls, d_model, cos, sin
     apex_norm = _try_import("apex.normalization")
     if apex_norm is not None:
         ln_impls["apex"] = apex_norm.FusedLayerNorm(d_model, elementwise_affine=False, memory_efficient=True).cuda()
+        if hasattr(apex_norm, "FusedRMSNorm"):
+            apex_rms = apex_norm.FusedRMSNorm(d_model, eps=1e-6, memory_efficient=True).to("cuda", dtype)
+            rms_impls["apex"] = lambda x, w: apex_rms(x)
 
 
 def time_case(case: Case, impl: Callable[..., object], mode: str) -> tuple[float, int]:
@@ -255,15 +282,17 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def smoke_check() -> bool:
-    """Without a GPU: the three kernels through Triton's interpreter against the torch references."""
+    """Without a GPU: each kernel through Triton's interpreter against its torch reference."""
     from megaolmo.kernels import fused, reference
 
     torch.manual_seed(0)
     x = torch.randn(5, 3, 100, requires_grad=True)
+    weight = torch.randn(100) / 2 + 1
     q, k = torch.randn(7, 2, 3, 16), torch.randn(7, 2, 1, 16)
     cos, sin = reference.rope_cos_sin(torch.arange(7), 16, 10000.0)
     checks = {
         "layer_norm": (fused.layer_norm(x), reference.layer_norm(x)),
+        "rms_norm": (fused.rms_norm(x, weight), reference.rms_norm(x, weight)),
         "swiglu": (fused.swiglu(x), reference.swiglu(x)),
         "rope": (torch.cat([t.flatten() for t in fused.apply_rope(q, k, cos, sin)]),
                  torch.cat([t.flatten() for t in reference.apply_rope(q, k, cos, sin)])),

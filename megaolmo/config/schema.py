@@ -15,6 +15,10 @@ from typing import Any
 
 from megaolmo.errors import ConfigError
 
+ARCHITECTURES = ("olmo1", "olmo2", "olmo3")
+INIT_FUNCTIONS = ("auto", "mitchell", "normal")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ROPE_SCALINGS = ("yarn",)
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 LINEAR_BACKENDS = ("torch", "torchao", "te")
@@ -22,8 +26,16 @@ LINEAR_BACKENDS = ("torch", "torchao", "te")
 
 @dataclass
 class ModelConfig:
-    """The OLMo-1 architecture: decoder-only, pre-norm, parameter-free LayerNorm, SwiGLU, RoPE, no biases."""
+    """An OLMo: decoder-only, SwiGLU, RoPE, no biases; the block of OLMo-1, OLMo-2 or OLMo-3.
 
+    - olmo1: `x + attn(LN(x))`, `x + mlp(LN(x))` with a parameter-free LayerNorm.
+    - olmo2: `x + RMSNorm(attn(x))`, `x + RMSNorm(mlp(x))` with learned weights, and QK-norm (an RMSNorm
+      over the whole projected q and the whole projected k, before RoPE).
+    - olmo3: the olmo2 block with sliding-window attention on the layers `layer_types` names (three of
+      every four by default), and YaRN RoPE scaling on the full-attention layers when `rope_scaling=yarn`.
+    """
+
+    arch: str = "olmo1"  # olmo1 | olmo2 | olmo3 (the block; see the class docstring)
     d_model: int = 256  # hidden size
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # query heads; head_dim = d_model // n_heads
@@ -35,12 +47,22 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base
     clip_qkv: float | None = None  # clamp the fused qkv projection to [-clip_qkv, clip_qkv]; None disables
     weight_tying: bool = True  # logits use wte.T instead of a separate head
-    layer_norm_eps: float = 1e-5  # epsilon of the parameter-free LayerNorm
+    layer_norm_eps: float = 1e-5  # epsilon of every norm (OLMo-1's LayerNorm 1e-5; OLMo-2/3's RMSNorm 1e-6)
+    sliding_window: int | None = None  # olmo3: keys a query sees on sliding layers, itself included (4096)
+    layer_types: list[str] | None = None  # olmo3, per block: sliding_attention | full_attention; None: every 4th full
+    rope_scaling: str | None = None  # null | yarn (HF rope_type; on full-attention layers only, as HF Olmo3)
+    rope_scaling_factor: float = 1.0  # YaRN: context extension factor
+    rope_original_max_position: int | None = None  # YaRN: the context the model was trained at before scaling
+    yarn_beta_fast: float = 32.0  # YaRN: rotations above which a frequency is kept (extrapolated)
+    yarn_beta_slow: float = 1.0  # YaRN: rotations below which a frequency is interpolated
+    yarn_attention_factor: float | None = None  # YaRN: cos/sin scale; None is 0.1 ln(factor) + 1
+    init_fn: str = "auto"  # mitchell (OLMo-1) | normal (OLMo-2/3: every weight N(0, init_std) cut at 3 std) | auto
+    init_std: float = 0.02  # std of init_fn=normal
     eos_token_id: int = 0  # end-of-document token appended after every document (OLMo's tokenizer: 50279)
     pad_token_id: int = 1  # padding token (never trained on)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
     linear: str = "torch"  # the local GEMM of every block linear: torch | torchao (FP8) | te (Transformer Engine FP8)
-    kernels: str = "auto"  # RoPE/SwiGLU/LayerNorm: triton (fused kernels) | torch (references) | auto (triton on CUDA)
+    kernels: str = "auto"  # RoPE/SwiGLU/norms: triton (fused kernels) | torch (references) | auto (triton on CUDA)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +75,40 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def norm_after(self) -> bool:
+        """Whether the block normalizes each sublayer's output (OLMo-2/3) instead of its input (OLMo-1)."""
+        return self.arch != "olmo1"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether q and k are RMS-normalized (over all heads) before RoPE: OLMo-2 and OLMo-3."""
+        return self.arch != "olmo1"
+
+    @property
+    def init_method(self) -> str:
+        """The initialization that runs: `init_fn`, with auto meaning each generation's own."""
+        if self.init_fn != "auto":
+            return self.init_fn
+        return "mitchell" if self.arch == "olmo1" else "normal"
+
+    @property
+    def block_layer_types(self) -> list[str]:
+        """Each block's attention: full everywhere, or OLMo-3's (Hugging Face's) pattern of `layer_types`."""
+        if self.sliding_window is None:
+            return ["full_attention"] * self.n_layers
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        return ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(self.n_layers)]
+
+    def attention_window(self, layer: int) -> int | None:
+        """Keys a query of block `layer` sees, itself included, or None for full causal attention."""
+        return self.sliding_window if self.block_layer_types[layer] == "sliding_attention" else None
+
+    def rope_scaled(self, layer: int) -> bool:
+        """Whether block `layer` takes the YaRN-scaled RoPE (full-attention layers, as HF Olmo3)."""
+        return self.rope_scaling is not None and self.attention_window(layer) is None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -91,6 +147,48 @@ class ModelConfig:
             raise ConfigError(f"model.linear={self.linear!r} is not one of {', '.join(LINEAR_BACKENDS)}")
         if self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(f"model.kernels={self.kernels!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        if self.init_fn not in INIT_FUNCTIONS:
+            raise ConfigError(f"model.init_fn={self.init_fn!r} is not one of {', '.join(INIT_FUNCTIONS)}")
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std={self.init_std} must be positive")
+        self._validate_architecture()
+
+    def _validate_architecture(self) -> None:
+        """The generation-specific fields: windows only on OLMo-3, a layer type per block, YaRN's parameters."""
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"model.arch={self.arch!r} is not one of {', '.join(ARCHITECTURES)}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"model.layer_norm_eps={self.layer_norm_eps} must be positive")
+        if self.arch != "olmo3" and (self.sliding_window is not None or self.layer_types is not None):
+            raise ConfigError(
+                f"model.sliding_window/layer_types are OLMo-3's (model.arch={self.arch}); set model.arch=olmo3 "
+                "or null them"
+            )
+        if self.arch == "olmo3" and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(
+                f"model.sliding_window={self.sliding_window!r} must be a positive integer for model.arch=olmo3 "
+                "(OLMo-3 uses 4096)"
+            )
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.n_layers or set(self.layer_types) - set(LAYER_TYPES)
+        ):
+            raise ConfigError(
+                f"model.layer_types={list(self.layer_types)} must give one of {', '.join(LAYER_TYPES)} for "
+                f"each of the model.n_layers={self.n_layers} blocks, or be null (every fourth full)"
+            )
+        if self.rope_scaling is None:
+            return
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"model.rope_scaling={self.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)} (or null)"
+            )
+        if self.rope_scaling_factor < 1:
+            raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be at least 1 for YaRN")
+        if not isinstance(self.rope_original_max_position, int) or self.rope_original_max_position < 1:
+            raise ConfigError(
+                f"model.rope_original_max_position={self.rope_original_max_position!r} must be the positive "
+                "context length before YaRN scaling (e.g. 8192)"
+            )
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shapes alone (no model is built)."""
@@ -101,7 +199,9 @@ class ModelConfig:
             + self.d_model * 2 * self.ffn_hidden_size  # ff_proj
             + self.ffn_hidden_size * self.d_model  # ff_out
         )
-        total = self.n_layers * per_block
+        if self.norm_after:  # OLMo-2/3: attn_norm and ff_norm weights, q_norm and k_norm over all heads
+            per_block += 2 * self.d_model + (self.n_heads + self.kv_heads) * hd
+        total = self.n_layers * per_block + (self.d_model if self.norm_after else 0)  # ln_f's weight
         if include_embedding:
             embedding = self.padded_vocab_size * self.d_model
             total += embedding if self.weight_tying else 2 * embedding

@@ -284,9 +284,21 @@ class ParallelOLMo:
         dist.all_reduce(grad, group=self.mesh.embedding_group)
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
-        """Clip by the global gradient norm over TP, PP and DP (each parameter counted once)."""
-        counted = [p for p in self.parameters() if p is not self.tied_replica]
+        """Clip by the global gradient norm over TP, PP and DP (each parameter counted once).
+
+        A parameter replicated over TP (an OLMo-2 norm's weight) is counted on TP rank 0 and scaled on all.
+        """
         replicas = [self.tied_replica] if self.tied_replica is not None else []
+        counted = []
+        for stage in self.stages:
+            split_by_tp = {
+                id(param) for layer in tensor_parallel_layers(stage).values() for param in layer.parameters()
+            }
+            for param in stage.parameters():
+                if param is self.tied_replica:
+                    continue
+                tp_copy = id(param) not in split_by_tp and self.mesh.tp_rank != 0
+                (replicas if tp_copy else counted).append(param)
         return clip_grad_norm_(counted, max_norm, replicas).item()
 
     @torch.no_grad()
@@ -299,5 +311,7 @@ class ParallelOLMo:
                 tensor = param.grad if grads else param
                 if isinstance(tensor, DTensor):
                     tensor = tensor.full_tensor()
-                out[name] = owners[name].gather_full(tensor.detach()).to("cpu", copy=True)
+                layer = owners.get(name)  # None: replicated over TP
+                full = tensor.detach() if layer is None else layer.gather_full(tensor.detach())
+                out[name] = full.to("cpu", copy=True)
         return out

@@ -1,4 +1,10 @@
-"""OLMo's "mitchell" initialization, independent of the parallel layout.
+"""OLMo's initializations, independent of the parallel layout.
+
+- mitchell (OLMo-1): a truncated normal of std 1/sqrt(d) for inputs, the output projections' std
+  scaled by depth (1/sqrt(2 d (layer + 1))), each cut at 3 std.
+- normal (OLMo-2/3): every weight, the embedding included, N(0, init_std) cut at 3 std.
+
+Norm weights start at one in both.
 
 Every parameter is drawn whole from a generator seeded by (seed, parameter
 name), and each rank keeps its tensor-parallel slice of it. The weights of a
@@ -25,6 +31,7 @@ from megaolmo.config import ModelConfig
 from megaolmo.parallel.layers import tensor_parallel_layers
 
 _BLOCK_WEIGHT = re.compile(r"blocks\.(\d+)\.(att_proj|attn_out|ff_proj|ff_out)\.linear\.weight")
+_NORM_WEIGHT = re.compile(r"(blocks\.(\d+)\.(attn_norm|ff_norm|q_norm|k_norm)|ln_f)\.weight")
 
 
 def _block_weight(name: str) -> tuple[int, str]:
@@ -32,6 +39,11 @@ def _block_weight(name: str) -> tuple[int, str]:
     if match is None:
         raise ValueError(f"no initialization rule for parameter {name}")
     return int(match[1]), match[2]
+
+
+def is_norm_weight(name: str) -> bool:
+    """Whether a parameter is a norm's weight (OLMo-2/3), which starts at one."""
+    return _NORM_WEIGHT.fullmatch(name) is not None
 
 
 def mitchell_std(config: ModelConfig, name: str) -> float:
@@ -46,11 +58,21 @@ def mitchell_std(config: ModelConfig, name: str) -> float:
     return config.d_model**-0.5
 
 
-def full_shape(config: ModelConfig, name: str) -> tuple[int, int]:
+def init_std(config: ModelConfig, name: str) -> float:
+    """The std the model's initialization draws a (non-norm) weight with."""
+    mitchell = mitchell_std(config, name)  # also refuses a parameter without a rule
+    return config.init_std if config.init_method == "normal" else mitchell
+
+
+def full_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     """Shape of a parameter in the unsharded model."""
     d, hd = config.d_model, config.head_dim
     if name in ("wte.weight", "head.linear.weight"):
         return (config.padded_vocab_size, d)
+    norm = _NORM_WEIGHT.fullmatch(name)
+    if norm is not None:
+        heads = {"q_norm": config.n_heads, "k_norm": config.kv_heads}.get(norm[3])
+        return (d,) if heads is None else (heads * hd,)
     _, kind = _block_weight(name)
     return {
         "att_proj": ((config.n_heads + 2 * config.kv_heads) * hd, d),
@@ -69,7 +91,10 @@ def init_parameters(module: nn.Module, config: ModelConfig, seed: int) -> None:
     """Initialize every parameter of `module` (a whole OLMo or a TP-sharded pipeline stage of one)."""
     owners = tensor_parallel_layers(module)
     for name, param in module.named_parameters():
-        std = mitchell_std(config, name)
+        if is_norm_weight(name):
+            param.fill_(1.0)
+            continue
+        std = init_std(config, name)
         generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
         full = torch.empty(full_shape(config, name), device="cpu", dtype=torch.float32)
         nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)

@@ -19,7 +19,7 @@ from torch import nn
 from megaolmo.config import Fp8Config, ResolvedLayout
 from megaolmo.model.fp8 import apply_fp8
 from megaolmo.model.init import init_parameters
-from megaolmo.model.olmo import OLMo
+from megaolmo.model.olmo import OLMo, RMSNorm
 from megaolmo.parallel import TensorParallel, tensor_parallel_layers
 from megaolmo.parallel.data_parallel import shard_data_parallel
 from megaolmo.parallel.mesh import ParallelMesh
@@ -53,12 +53,17 @@ class Stages:
 
 
 def apply_tensor_parallel(stage: OLMo, mesh: ParallelMesh, sequence_parallel: bool) -> None:
-    """Shard every TP layer of the stage over the mesh's TP group (column, row and vocab parallel)."""
+    """Shard every TP layer of the stage over the mesh's TP group (column, row and vocab parallel, QK-norm);
+    under SP, the norms replicated over TP sum their weights' gradients over it."""
     if mesh.tp_group is None or mesh.tp == 1:
         return
     tp = TensorParallel(mesh.tp_group, sequence_parallel)
     for layer in set(tensor_parallel_layers(stage).values()):
         layer.shard(tp)
+    if sequence_parallel:
+        for module in stage.modules():
+            if isinstance(module, RMSNorm):
+                module.sequence_parallel_group = mesh.tp_group
 
 
 def apply_activation_checkpointing(stage: OLMo, mode: str) -> None:

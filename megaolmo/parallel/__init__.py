@@ -2,6 +2,7 @@
 
 from megaolmo.parallel.layers import (
     ColumnParallelLinear,
+    HeadParallelRMSNorm,
     RowParallelLinear,
     TensorParallel,
     VocabParallelEmbedding,
@@ -10,6 +11,7 @@ from megaolmo.parallel.layers import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "HeadParallelRMSNorm",
     "RowParallelLinear",
     "TensorParallel",
     "VocabParallelEmbedding",

@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from megaolmo import kernels
 from megaolmo.parallel.mappings import (
     all_gather,
     copy_to_tp,
     gather_from_sequence,
     reduce_from_tp,
     reduce_scatter_to_sequence,
+    sum_over_tp,
 )
 
 
@@ -247,11 +249,51 @@ class VocabParallelEmbedding(nn.Module):
         return F.linear(hidden, self.weight)
 
 
+class HeadParallelRMSNorm(nn.Module):
+    """RMSNorm with a weight over features that TP splits by head: OLMo-2's QK-norm of the whole projected q or k.
+
+    The statistic is the mean square over all heads, so under TP each rank sums the squares of its heads and
+    the sums meet in an all-reduce (whose gradient is all-reduced too: every rank uses the sum for its own
+    heads). Alone, the norm is the fused kernel's.
+    """
+
+    def __init__(self, size: int, eps: float, kernel_backend: str) -> None:
+        super().__init__()
+        self.size = size
+        self.eps = eps
+        self.kernel_backend = kernel_backend
+        self.tp: TensorParallel | None = None
+        self.tp_dim = 0  # the weight dim split across TP ranks
+        self.weight = nn.Parameter(torch.empty(size))
+
+    def shard(self, tp: TensorParallel) -> None:
+        local = _divide(self.size, tp.size, "QK-norm width (heads x head_dim)")
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(local, device=self.weight.device))
+
+    def shard_full(self, full: torch.Tensor) -> torch.Tensor:
+        return full if self.tp is None else full.chunk(self.tp.size, dim=0)[self.tp.rank]
+
+    def gather_full(self, local: torch.Tensor) -> torch.Tensor:
+        return local if self.tp is None else all_gather(local, self.tp.group, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return kernels.get(self.kernel_backend, x.device).rms_norm(x, self.weight, self.eps)
+        x32 = x.float()
+        sum_of_squares = sum_over_tp(x32.pow(2).sum(-1, keepdim=True), self.tp.group)
+        normalized = (x32 * torch.rsqrt(sum_of_squares / self.size + self.eps)).to(x.dtype)
+        return self.weight.to(x.dtype) * normalized  # the reference's order: cast back, then the weight
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, eps={self.eps}"
+
+
 def tensor_parallel_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Parameter name -> the TP layer owning it, for every parameter under `module`."""
+    """Parameter name -> the TP layer owning it, for every parameter under `module` that TP splits."""
     owners = {}
     for name, layer in module.named_modules():
-        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, HeadParallelRMSNorm)):
             for param_name, _ in layer.named_parameters():
                 owners[f"{name}.{param_name}" if name else param_name] = layer
     return owners

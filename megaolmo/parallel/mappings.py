@@ -4,6 +4,7 @@
     reduce_from_tp              forward: all-reduce      backward: identity
     gather_from_sequence        forward: all-gather(seq) backward: reduce-scatter(seq)
     reduce_scatter_to_sequence  forward: reduce-scatter  backward: all-gather(seq)
+    sum_over_tp                 forward: all-reduce      backward: all-reduce
 
 "seq" is a chosen dim (0 for the [seq, batch, hidden] activations of the stack).
 With a group of size 1 every mapping is the identity.
@@ -71,6 +72,17 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _SumOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group), None
+
+
 class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -101,6 +113,12 @@ def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Leave a TP region: sum the partial results of the ranks."""
     return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def sum_over_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """A sum over the ranks that each rank goes on to use differently (a statistic over all heads, say):
+    unlike `reduce_from_tp`, whose result is used alike everywhere, its gradient is summed too."""
+    return x if _size(group) == 1 else _SumOverTP.apply(x, group)
 
 
 def gather_from_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 0) -> torch.Tensor:
