@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_ok
-from training_run import TINY, data_args, losses, stop_after, train, train_command
+from training_run import TINY, VOCAB, data_args, losses, stop_after, train, train_command
 
 import megaolmo
 from megaolmo.checkpoint.directory import MANIFEST_FILE
@@ -98,6 +98,92 @@ def test_resume_on_other_layouts(dataset, straight: list[float], tp2_pp2_dp2_run
     assert len(got) == len(straight)
     for a, b in zip(got, straight):
         assert abs(a - b) <= 1e-5 * b, (got, straight)
+
+
+OLMO3 = [
+    "model.arch=olmo3", "model.sliding_window=8", "model.layer_norm_eps=1e-6", "model.rope_theta=500000",
+    "model.n_kv_heads=2", "model.weight_tying=false",
+]  # fmt: skip
+
+
+def test_olmo3_resumes_resharded(dataset, tmp_path: Path) -> None:
+    """An OLMo-3 model (norm weights replicated over TP, QK-norm weights split by head, sliding windows) saved
+    under tp2 (sequence parallel) x pp2 x dp2 resumes on one process with the losses of a run straight through."""
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    assert_ok(run(dataset, straight_dir, *OLMO3))
+    assert_ok(run(dataset, run_dir, *OLMO3, "parallel=tp2_pp2_dp2", "trainer.stop_at=3", ranks=8))
+    resumed = run(dataset, run_dir, *OLMO3)
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout
+    got, want = losses(run_dir), losses(straight_dir)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5 * b, (got, want)
+    assert megaolmo.load(run_dir / "final").config.arch == "olmo3"
+
+
+OLMO2_FROM_HF = [
+    "model.arch=olmo2", "model.n_kv_heads=2", "model.layer_norm_eps=1e-6", "model.rope_theta=500000",
+    "model.weight_tying=false", "trainer.max_steps=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def converted_olmo2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random transformers Olmo2ForCausalLM of the tiny run's shapes, converted by `convert from-hf`."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("olmo2_hf")
+    hf_config = transformers.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = transformers.Olmo2ForCausalLM(hf_config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    model.save_pretrained(root / "hf")
+    converted = subprocess.run(
+        [sys.executable, "-m", "megaolmo.convert", "from-hf", str(root / "hf"), str(root / "converted")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert_ok(converted)
+    return root / "converted"
+
+
+def test_initialize_weights_reads_each_share(converted_olmo2: Path) -> None:
+    """One process: every parameter equals the converted tensor; the optimizer is untouched (fresh)."""
+    from megaolmo.checkpoint.initialize import initialize_weights
+    from megaolmo.config import ModelConfig, ParallelConfig
+    from megaolmo.model.engine import ParallelOLMo
+
+    saved, state = megaolmo.checkpoint.load_consolidated(converted_olmo2)
+    config = ModelConfig(**{**saved.to_dict(), "kernels": "torch", "max_sequence_length": 32})
+    model = ParallelOLMo(config, ParallelConfig(device="cpu"), seed=0)
+    assert initialize_weights(converted_olmo2, model) == ["max_sequence_length=64 (now 32)"]
+    for name, tensor in model.full_tensors().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_init_from_a_converted_model_on_any_layout(dataset, converted_olmo2: Path, tmp_path: Path) -> None:
+    """A converted Olmo2ForCausalLM starts a run on one process and on tp2 (SP) x pp2 x dp2 with the same
+    losses, not those of a fresh initialization; a model of other shapes is refused in one line."""
+    init = [*OLMO2_FROM_HF, f"trainer.init_from={converted_olmo2}"]
+    single, parallel, fresh = tmp_path / "single", tmp_path / "parallel", tmp_path / "fresh"
+    result = run(dataset, single, *init)
+    assert_ok(result)
+    assert f"initialized the weights from {converted_olmo2}" in result.stdout
+    assert_ok(run(dataset, parallel, *init, "parallel=tp2_pp2_dp2", ranks=8))
+    assert_ok(run(dataset, fresh, *OLMO2_FROM_HF))
+    for a, b in zip(losses(parallel), losses(single)):
+        assert abs(a - b) <= 1e-5 * b, (losses(parallel), losses(single))
+    assert abs(losses(single)[0] - losses(fresh)[0]) > 1e-3
+    refused = run(dataset, tmp_path / "refused", *init, "model.n_kv_heads=4")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds another model's weights: n_kv_heads=2 (now 4)" in errors[0], refused.stderr
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -122,6 +124,29 @@ class SafetensorsReader:
                 )
             self.specs[name] = (tuple(info["shape"]), DTYPES_BY_NAME[info["dtype"]])
             self._offsets[name] = 8 + header_size + info["data_offsets"][0]
+
+    def read_rectangle(self, name: str, offsets: tuple[int, ...], out: torch.Tensor) -> None:
+        """Copy the part of tensor `name` that starts at `offsets` and has `out`'s shape into `out` (any dtype).
+
+        The file is memory-mapped, so only the pages holding the rectangle are read: a rank's share of a
+        row band is one contiguous range, a column slice touches a strided set of pages.
+        """
+        shape, dtype = self.specs[name]
+        count = math.prod(shape)
+        with open(self.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            end = self._offsets[name] + count * dtype.itemsize
+            if end > len(mapped):
+                raise CheckpointError(f"{self.path}: tensor {name} is cut short; the file is truncated")
+            with warnings.catch_warnings():  # the mapping is read-only, and so is everything made of it
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                raw = torch.frombuffer(
+                    mapped, dtype=torch.uint8, count=count * dtype.itemsize, offset=self._offsets[name]
+                )
+            tensor = raw.view(dtype).view(shape)
+            for dim, (start, length) in enumerate(zip(offsets, out.shape)):
+                tensor = tensor.narrow(dim, start, length)
+            out.copy_(tensor)
+            del raw, tensor  # no view of the mapping may outlive it
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name`, whole, on CPU, in a buffer of its own: nothing of the file stays mapped."""

@@ -121,7 +121,7 @@ def _file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _agree_on_failure(error: BaseException | None, device: torch.device) -> str | None:
+def agree_on_failure(error: BaseException | None, device: torch.device) -> str | None:
     """The first failure any rank had (its one-line reason), or None: one flag all-reduced on `device`."""
     if not _distributed():
         return _reason(error) if error else None
@@ -182,7 +182,7 @@ def write_checkpoint(final: Path, entries: dict[str, Entry], *, trainer_state: d
             phase()
         except (OSError, RuntimeError, CheckpointException, CheckpointError) as err:
             error = err  # torch's writers report some I/O failures as RuntimeError
-        reason = _agree_on_failure(error, device)
+        reason = agree_on_failure(error, device)
         if reason is not None:
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +321,7 @@ def _open(path: Path) -> tuple[dict, VerifyingReader, object]:
     return state, reader, reader.read_metadata()
 
 
-def _load_entries(path: Path, entries: dict[str, Entry], *, device: torch.device,
+def load_entries(path: Path, entries: dict[str, Entry], *, device: torch.device,
                   accept: Callable[[dict], None]) -> dict:  # fmt: skip
     """Fill this rank's `entries` from the checkpoint at `path`, once `accept(trainer state)` has passed;
     returns the trainer state.
@@ -346,7 +346,7 @@ def _load_entries(path: Path, entries: dict[str, Entry], *, device: torch.device
             phase()
         except (OSError, RuntimeError, ValueError, KeyError, CheckpointError) as err:
             error = err  # (ValueError, KeyError: a damaged metadata file that still matched its digest)
-        reason = _agree_on_failure(error, device)
+        reason = agree_on_failure(error, device)
         if reason is not None:
             raise CheckpointError(reason if isinstance(error, CheckpointError) else f"loading {path} failed ({reason})")
     return opened[0]
@@ -377,7 +377,7 @@ def restore_sharded(path: Path, model, optimizer: torch.optim.Optimizer) -> dict
     for stage in model.stages:
         scaling.update(scaling_states(stage))
     entries.update({f"fp8/{name}": buffer for name, buffer in scaling.items()})
-    state = _load_entries(path, entries, device=model.mesh.device, accept=accept)
+    state = load_entries(path, entries, device=model.mesh.device, accept=accept)
     for stage in model.stages:
         load_scaling_states(stage, scaling)
     for name, param, _ in _entries(model, include_replica=True):

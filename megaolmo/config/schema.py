@@ -345,6 +345,7 @@ class TrainerConfig:
     keep_last: int = 3  # checkpoints kept besides those kept for good
     keep_every: int | None = None  # keep every checkpoint whose step is a multiple of this, for good
     resume: str = "auto"  # auto (latest in run_dir/checkpoints, if any) | none | a checkpoint directory
+    init_from: str | None = None  # a fresh run starts from these weights (any checkpoint, e.g. a converted HF model)
     eval_interval: int = 100  # evaluate on the held-out split every N steps (0 disables)
     eval_batches: int = 8  # global batches' worth of held-out sequences per source per evaluation
     downstream_tasks: list[str] = field(default_factory=list)  # task files (megaolmo.eval) scored every evaluation

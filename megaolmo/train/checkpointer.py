@@ -2,7 +2,8 @@
 
 Built once per run from `trainer.*`: sharded checkpoints every `save_interval`
 steps and at `stop_at` under <run_dir>/checkpoints/, retention by `keep_last`
-and `keep_every`, the resume point by `resume` (auto, none or a path), and the
+and `keep_every`, the resume point by `resume` (auto, none or a path), a fresh
+run's weights by `init_from` (another run's or a converted model's), and the
 final weights in <run_dir>/final/ (sharded the same way, each rank writing its
 share). A periodic save that fails (a full disk, a quota) warns and training
 goes on; the save a leg ends on must succeed, or the run stops with the error.
@@ -17,6 +18,7 @@ import torch
 
 from megaolmo.checkpoint import restore_sharded, save_sharded
 from megaolmo.checkpoint.directory import checkpoint_name, find_resume_point, remove_incomplete
+from megaolmo.checkpoint.initialize import initialize_weights
 from megaolmo.checkpoint.sharded import save_final_weights
 from megaolmo.config import TrainerConfig
 from megaolmo.data import GlobalBatches
@@ -46,16 +48,24 @@ class Checkpointer:
         if is_rank_zero():
             remove_incomplete(self.directory)
         choice = self.trainer.resume
-        if choice == "none":
-            return 0
-        path = find_resume_point(self.directory) if choice == "auto" else Path(choice)
+        path = None if choice == "none" else find_resume_point(self.directory) if choice == "auto" else Path(choice)
         if path is None:
+            self._initialize(model)
             return 0
         state = restore_sharded(path, model, optimizer)
         batches.load_state_dict(state["data"])
         if is_rank_zero():
             print(f"resumed from {path} at step {state['step']}")
         return state["step"]
+
+    def _initialize(self, model: ParallelOLMo) -> None:
+        """A fresh run's weights from `trainer.init_from` (a resumed run has its own)."""
+        source = self.trainer.init_from
+        if source is None:
+            return
+        differences = initialize_weights(source, model)
+        if is_rank_zero():
+            print(f"initialized the weights from {source}" + (f" ({', '.join(differences)})" if differences else ""))
 
     def save(
         self,
