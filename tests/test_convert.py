@@ -1,7 +1,8 @@
 """`python -m megaolmo.convert` (from-hf, to-hf, from-olmo, consolidate) and megaolmo's consolidated checkpoints.
 
-Every model here is tiny (d_model 64, 2 layers) and random, so the whole file runs in seconds on a CPU.
-Conversions are checked bitwise on the tensors and against transformers' OlmoForCausalLM on the logits.
+Every model here is tiny (d_model 64-96, 2-4 layers) and random, so the whole file runs in seconds on a CPU.
+Conversions are checked bitwise on the tensors and against transformers' OlmoForCausalLM, Olmo2ForCausalLM and
+Olmo3ForCausalLM on the logits (test_generations.py compares OLMo-2/3 with them in depth: losses, gradients).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import yaml
 from helpers import assert_ok
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_generations import DEFAULTS as GENERATION_DEFAULTS
+from test_generations import FULL, SLIDING, YARN, random_hf_model
 
 import megaolmo
 from megaolmo.checkpoint import CheckpointError, load_consolidated, save_consolidated, write_consolidated
@@ -105,9 +108,9 @@ def our_logits(model: megaolmo.OLMo, ids: torch.Tensor) -> torch.Tensor:
     return model(ids)
 
 
-def hf_from_pretrained(directory: Path) -> transformers.OlmoForCausalLM:
-    """Load with transformers and insist that every tensor matched: nothing missing, unexpected or misshapen."""
-    model, info = transformers.OlmoForCausalLM.from_pretrained(directory, output_loading_info=True)
+def hf_from_pretrained(directory: Path, cls: type = transformers.OlmoForCausalLM) -> transformers.PreTrainedModel:
+    """Load as `cls` and insist that every tensor matched: nothing missing, unexpected or misshapen."""
+    model, info = cls.from_pretrained(directory, output_loading_info=True)
     assert not info["missing_keys"], info
     assert not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
@@ -138,8 +141,15 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> megaolmo.OLMo:
+    """megaolmo's initialization; OLMo-2/3's norm weights (which start at one) then drawn from [0.5, 1.5]."""
     torch.manual_seed(seed)
-    return megaolmo.build_model(config).eval()
+    model = megaolmo.build_model(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name == "ln_f.weight":
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +345,168 @@ def test_from_hf_dtype_and_empty_output_dir(sources: dict[str, Path], tmp_path: 
     assert all(t.dtype == torch.bfloat16 for t in state.values())
     assert torch.equal(state["wte.weight"], hf_state["model.embed_tokens.weight"].to(torch.bfloat16))
     assert torch.equal(state["head.linear.weight"], hf_state["lm_head.weight"].to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# OLMo-2 and OLMo-3 models saved with save_pretrained (test_generations.py's random transformers models)
+
+GENERATION_CASES = {
+    # GQA, hidden 96 over 6 heads, vocabulary 301, a separate lm_head, several shards plus an index, and an
+    # initializer_range that is not the default.
+    "olmo2-untied-gqa-sharded": {"arch": "olmo2", "shard": "100KB", "initializer_range": 0.01},
+    # Tied, multi-head, YaRN with a beta that is not the default and no attention_factor.
+    "olmo2-tied-mha-yarn": {
+        "arch": "olmo2",
+        "tie": True,
+        "kv_heads": 6,
+        "context": 64,
+        "yarn": {**YARN, "beta_fast": 16.0},
+    },
+    # The default layer types (sliding but every fourth), YaRN on the full layers with an attention_factor.
+    "olmo3-yarn-sharded": {
+        "arch": "olmo3",
+        "layers": 4,
+        "window": 5,
+        "context": 64,
+        "yarn": {**YARN, "attention_factor": 1.2},
+        "shard": "100KB",
+    },
+    # Explicit layer types, plain RoPE, multi-query attention.
+    "olmo3-explicit-types": {"arch": "olmo3", "window": 6, "kv_heads": 1, "layer_types": [FULL, SLIDING, FULL]},
+}
+GENERATION_CLASSES = {
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+    "olmo3": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM),
+}
+
+
+@dataclasses.dataclass
+class GenerationCase:
+    spec: dict
+    model: transformers.PreTrainedModel
+    hf_dir: Path
+    ckpt_dir: Path  # from-hf of hf_dir
+
+
+def save_generation_model(directory: Path, spec: dict, seed: int) -> transformers.PreTrainedModel:
+    """test_generations' random transformers model of `spec`, saved with save_pretrained (sharded if asked)."""
+    model = random_hf_model(spec, "sdpa", seed)
+    model.config.initializer_range = spec.get("initializer_range", 0.02)
+    if spec.get("shard") is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, max_shard_size=spec["shard"])
+        assert (directory / "model.safetensors.index.json").is_file()
+        assert len(list(directory.glob("model-*-of-*.safetensors"))) >= 3
+        assert not (directory / "model.safetensors").exists()
+    return model
+
+
+@pytest.fixture(scope="module", params=list(GENERATION_CASES))
+def generation_case(request, tmp_path_factory) -> GenerationCase:
+    spec = {**GENERATION_DEFAULTS, **GENERATION_CASES[request.param]}
+    root = tmp_path_factory.mktemp(request.param)
+    model = save_generation_model(root / "hf", spec, seed=list(GENERATION_CASES).index(request.param))
+    assert convert.main(["from-hf", str(root / "hf"), str(root / "ckpt")]) == 0
+    return GenerationCase(spec, model, root / "hf", root / "ckpt")
+
+
+def comparable(config: transformers.PretrainedConfig) -> dict:
+    values = config.to_dict()
+    values.pop("transformers_version", None)
+    return values
+
+
+def test_generation_from_hf_then_to_hf_is_identical(generation_case: GenerationCase, tmp_path: Path, capsys):
+    spec, hf_model = generation_case.spec, generation_case.model
+    config_class, model_class = GENERATION_CLASSES[spec["arch"]]
+    out = tmp_path / "hf_again"
+    sharding = ["--max-shard-gb", "0.0001"] if spec.get("shard") else []  # ~107 kB shards
+    code, _, err = run_main(capsys, "to-hf", generation_case.ckpt_dir, out, *sharding)
+    assert (code, err) == (0, "")
+    assert (out / "model.safetensors.index.json").is_file() == bool(sharding)
+
+    original, again = read_tensors(generation_case.hf_dir), read_tensors(out)
+    assert len(original) == len(hf_model.state_dict()) - spec["tie"]  # a tied lm_head is not saved
+    assert any(name.endswith("q_norm.weight") for name in original) and "model.norm.weight" in original
+    assert_same_state(again, original)
+
+    # config.json: the same class, and the same Olmo2Config / Olmo3Config once transformers reads it.
+    again_json = json.loads((out / "config.json").read_text())
+    assert again_json["architectures"] == [model_class.__name__]
+    assert again_json["model_type"] == spec["arch"]
+    assert comparable(config_class.from_pretrained(out)) == comparable(
+        config_class.from_pretrained(generation_case.hf_dir)
+    )
+
+    # transformers loads it as the generation's class with every key matched, and computes the same logits.
+    reloaded = hf_from_pretrained(out, model_class)
+    assert type(reloaded) is model_class
+    ids = input_ids(spec["vocab"])
+    expected = hf_logits(hf_model, ids)
+    assert_logits_close(hf_logits(reloaded, ids), expected)
+    # ... as megaolmo does on the from-hf checkpoint (its own kernels: torch on the CPU).
+    assert_logits_close(our_logits(megaolmo.load(generation_case.ckpt_dir), ids), expected)
+
+
+def test_generation_from_hf_config(generation_case: GenerationCase):
+    spec, hf_config = generation_case.spec, generation_case.model.config
+    config, _ = load_consolidated(generation_case.ckpt_dir)
+    assert config.arch == spec["arch"] and config.norm_after and config.qk_norm
+    assert (config.d_model, config.n_layers, config.n_heads, config.kv_heads) == (
+        96,
+        spec["layers"],
+        6,
+        spec["kv_heads"],
+    )
+    assert (config.padded_vocab_size, config.weight_tying, config.clip_qkv) == (301, spec["tie"], None)
+    assert (config.layer_norm_eps, config.rope_theta, config.init_std) == (
+        1e-6,
+        500000.0,
+        spec.get("initializer_range", 0.02),
+    )
+    assert config.block_layer_types == list(getattr(hf_config, "layer_types", None) or [FULL] * spec["layers"])
+    assert config.sliding_window == spec["window"]
+    assert config.rope_scaling == (None if spec["yarn"] is None else "yarn")
+
+
+def trimmed_config(hf_dir: Path, tmp_path: Path, *keys: str) -> Path:
+    """A copy of `hf_dir` whose config.json leaves out `keys`, so that transformers takes its defaults."""
+    copy = tmp_path / "trimmed"
+    shutil.copytree(hf_dir, copy)
+    values = json.loads((copy / "config.json").read_text())
+    for key in keys:
+        del values[key]
+    (copy / "config.json").write_text(json.dumps(values))
+    return copy
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
+def test_from_hf_takes_the_defaults_of_transformers(arch: str, tmp_path: Path, capsys):
+    """A config.json that leaves out rms_norm_eps, RoPE, the window, layer types or initializer_range means
+    what transformers makes of it (Olmo2Config: eps 1e-5, theta 10000; Olmo3Config: theta 500000, window 4096)."""
+    spec = {**GENERATION_DEFAULTS, "arch": arch, "layers": 4, "window": 8 if arch == "olmo3" else None}
+    save_generation_model(tmp_path / "hf", spec, seed=11)
+    keys = ["rms_norm_eps", "rope_parameters", "initializer_range"] + (
+        ["sliding_window", "layer_types"] * (arch == "olmo3")
+    )
+    src = trimmed_config(tmp_path / "hf", tmp_path, *keys)
+    code, _, err = run_main(capsys, "from-hf", src, tmp_path / "ckpt")
+    assert (code, err) == (0, "")
+    config, _ = load_consolidated(tmp_path / "ckpt")
+    config_class, model_class = GENERATION_CLASSES[arch]
+    hf_config = config_class.from_pretrained(src)
+    assert config.layer_norm_eps == hf_config.rms_norm_eps == 1e-5
+    rope = hf_config.rope_parameters[FULL] if arch == "olmo3" else hf_config.rope_parameters
+    assert config.rope_theta == rope["rope_theta"] == {"olmo2": 10000.0, "olmo3": 500000.0}[arch]
+    assert config.init_std == hf_config.initializer_range == 0.02
+    if arch == "olmo3":
+        assert config.sliding_window == hf_config.sliding_window == 4096
+        assert config.block_layer_types == hf_config.layer_types == [SLIDING, SLIDING, SLIDING, FULL]
+    ids = input_ids(spec["vocab"])
+    assert_logits_close(
+        our_logits(megaolmo.load(tmp_path / "ckpt"), ids), hf_logits(hf_from_pretrained(src, model_class), ids)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,6 +914,9 @@ def olmo_name(name: str) -> str:
         return "transformer.wte.weight"
     if name == "head.linear.weight":
         return "transformer.ff_out.weight"
+    if name == "ln_f.weight" or name.endswith(("attn_norm.weight", "ff_norm.weight", "q_norm.weight", "k_norm.weight")):
+        assert name == "ln_f.weight" or name.startswith("blocks."), name
+        return "transformer." + name  # OLMo-2's norms: transformer.ln_f, transformer.blocks.{i}.attn_norm, ...
     assert name.startswith("blocks.") and name.endswith(".linear.weight"), name
     return "transformer." + name.removesuffix(".linear.weight") + ".weight"
 
@@ -750,6 +925,20 @@ def olmo_safetensors_key(name: str) -> str:
     """OLMo's safetensors key encoding (olmo/safetensors_util.py): base64(pickle((keys, value_is_pickled)))."""
     return base64.urlsafe_b64encode(pickle.dumps(((name,), False))).decode("ascii")
 
+
+# The model: keys of an OLMo-2 config.yaml (allenai/OLMo's configs/official-1124/OLMo-2-1124-7B.yaml).
+OLMO2_OPTIONS = {
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "attention_layer_norm": True,
+    "attention_layer_norm_with_affine": True,
+    "norm_after": True,
+    "layer_norm_eps": 1e-6,
+    "rope_theta": 500000.0,
+    "init_fn": "normal",
+    "init_std": 0.02,
+    "weight_tying": False,
+}
 
 OLMO_CASES = {
     # model.pt, separate head, GQA, mlp_hidden_size, clip_qkv; run through a fresh interpreter.
@@ -772,11 +961,49 @@ OLMO_CASES = {
         "config": tiny_config(weight_tying=True, n_kv_heads=1, ffn_hidden_size=128, clip_qkv=None, embedding_size=1000),
         "model_yaml": {"multi_query_attention": True, "n_kv_heads": None, "mlp_ratio": 4, "clip_qkv": None},
     },
+    # OLMo-2's options: safetensors with encoded keys, separate head, GQA, weights for every norm.
+    "olmo2-safetensors-untied-gqa": {
+        "weights": "safetensors",
+        "cli": False,
+        "config": tiny_config(
+            arch="olmo2",
+            weight_tying=False,
+            clip_qkv=None,
+            layer_norm_eps=1e-6,
+            rope_theta=500000.0,
+            embedding_size=1000,
+        ),
+        "model_yaml": {**OLMO2_OPTIONS, "n_kv_heads": 2, "mlp_hidden_size": 192},
+    },
+    # OLMo-2's options with amd_compatible_rms and attention_layer_norm_with_affine left out (OLMo's default,
+    # true), tied, multi-head, another init_std; model.pt.
+    "olmo2-pt-tied-amd-rms": {
+        "weights": "pt",
+        "cli": False,
+        "config": tiny_config(
+            arch="olmo2",
+            n_kv_heads=4,
+            clip_qkv=None,
+            layer_norm_eps=1e-6,
+            rope_theta=500000.0,
+            init_std=0.01,
+            embedding_size=1024,
+        ),
+        "model_yaml": {
+            **{k: v for k, v in OLMO2_OPTIONS.items() if k != "attention_layer_norm_with_affine"},
+            "layer_norm_type": "amd_compatible_rms",
+            "weight_tying": True,
+            "init_std": 0.01,
+            "mlp_hidden_size": 192,
+            "embedding_size": 1024,
+        },
+    },
 }
 
 
 def olmo_model_yaml(config: ModelConfig, **overrides) -> dict:
-    """The `model:` section of an allenai/OLMo config.yaml for `config` (OLMo's keys, OLMo-1 features)."""
+    """The `model:` section of an allenai/OLMo config.yaml for `config` (OLMo's keys, OLMo-1 features unless
+    `overrides` give OLMo2_OPTIONS)."""
     section = {
         "d_model": config.d_model,
         "n_heads": config.n_heads,
@@ -839,9 +1066,13 @@ def olmo_dir(tmp_path_factory) -> Path:
 
 
 def test_olmo_names_invert_the_converter():
-    state = random_model(tiny_config(weight_tying=False)).state_dict()
-    assert {allenai_olmo._name_to_olmo(name) for name in state} == {olmo_name(name) for name in state}
+    for arch in ("olmo1", "olmo2"):
+        state = random_model(tiny_config(arch=arch, weight_tying=False)).state_dict()
+        assert {allenai_olmo._name_to_olmo(name) for name in state} == {olmo_name(name) for name in state}
     assert olmo_name("blocks.1.att_proj.linear.weight") == "transformer.blocks.1.att_proj.weight"
+    assert olmo_name("blocks.1.q_norm.weight") == "transformer.blocks.1.q_norm.weight"
+    assert olmo_name("blocks.0.ff_norm.weight") == "transformer.blocks.0.ff_norm.weight"
+    assert olmo_name("ln_f.weight") == "transformer.ln_f.weight"
     key = olmo_safetensors_key("transformer.wte.weight")
     assert "." not in key
     assert allenai_olmo._olmo_key(key) == "transformer.wte.weight"
@@ -869,6 +1100,16 @@ def test_from_olmo(case: str, tmp_path: Path, capsys):
     assert_same_state(state, dict(model.state_dict()))
     ids = input_ids(config.vocab_size)
     assert_logits_close(our_logits(megaolmo.load(dst), ids), our_logits(model, ids))
+    if config.arch == "olmo1":
+        return
+    # OLMo-2: every norm has its weight (not all ones), and to-hf makes an Olmo2ForCausalLM that agrees.
+    norms = [name for name in state if name.endswith("norm.weight") or name == "ln_f.weight"]
+    assert len(norms) == 4 * config.n_layers + 1
+    assert all(not torch.equal(state[name], torch.ones_like(state[name])) for name in norms)
+    code, _, err = run_main(capsys, "to-hf", dst, tmp_path / "hf")
+    assert (code, err) == (0, "")
+    hf = hf_from_pretrained(tmp_path / "hf", transformers.Olmo2ForCausalLM)
+    assert_logits_close(hf_logits(hf, ids), our_logits(model, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,7 +1124,19 @@ def sources(tmp_path_factory, olmo_dir: Path) -> dict[str, Path]:
     save_hf_model(root / "hf_sharded", tie=True, kv_heads=4, clip_qkv=None, shard="100KB", seed=8)
     config = tiny_config()
     save_consolidated(root / "ckpt", config, random_model(config).state_dict())
-    return {"hf": root / "hf", "hf_sharded": root / "hf_sharded", "ckpt": root / "ckpt", "olmo": olmo_dir}
+    paths = {"hf": root / "hf", "hf_sharded": root / "hf_sharded", "ckpt": root / "ckpt", "olmo": olmo_dir}
+    for arch in ("olmo2", "olmo3"):
+        spec = {**GENERATION_DEFAULTS, "arch": arch, "window": 5 if arch == "olmo3" else None}
+        save_generation_model(root / f"hf_{arch}", spec, seed=9)
+        paths[f"hf_{arch}"] = root / f"hf_{arch}"
+    # Models that the transformers classes cannot express: OLMo-2 with clip_qkv, OLMo-1 with another epsilon.
+    for name, config in {
+        "ckpt_olmo2_clip": tiny_config(arch="olmo2", clip_qkv=0.5),
+        "ckpt_olmo1_eps": tiny_config(layer_norm_eps=1e-6),
+    }.items():
+        save_consolidated(root / name, config, random_model(config).state_dict())
+        paths[name] = root / name
+    return paths
 
 
 @dataclasses.dataclass
@@ -954,6 +1207,24 @@ def unexpected_tensor(sources, tmp_path):
     return BadInput(["from-hf", src], ("unexpected", "model.layers.0.self_attn.q_norm.weight"))
 
 
+def edit_rope(kind: str, rope: dict, needles: tuple[str, ...]) -> Callable[[dict, Path], BadInput]:
+    """A copy of hf_{kind} whose config.json has `rope` merged into rope_parameters (OLMo-3: into its entry
+    named by rope's one key, full_attention or sliding_attention)."""
+
+    def case(sources, tmp_path):
+        src = copy_of(sources, f"hf_{kind}", tmp_path)
+        values = json.loads((src / "config.json").read_text())
+        if kind == "olmo3":
+            ((layer_type, entry),) = rope.items()
+            values["rope_parameters"][layer_type].update(entry)
+        else:
+            values["rope_parameters"].update(rope)
+        (src / "config.json").write_text(json.dumps(values))
+        return BadInput(["from-hf", src], ("config.json", *needles))
+
+    return case
+
+
 def invalid_json(sources, tmp_path):
     src = copy_of(sources, "hf", tmp_path)
     (src / "config.json").write_text('{"model_type": "olmo",')
@@ -1002,6 +1273,24 @@ def olmo_unsupported(key: str, value) -> Callable[[dict, Path], BadInput]:
     return case
 
 
+def olmo2_options_but(key: str, value) -> Callable[[dict, Path], BadInput]:
+    """OLMo-2's options with one of them as OLMo-1 has it: a mixture, refused naming that key."""
+
+    def case(sources, tmp_path):
+        src = copy_of(sources, "olmo", tmp_path)
+        edit_olmo_model(src, **{**OLMO2_OPTIONS, key: value})
+        return BadInput(["from-olmo", src], ("config.yaml", f"model.{key}={value!r}", "OLMo-2"))
+
+    return case
+
+
+def to_hf_inexpressible(kind: str, needles: tuple[str, ...]) -> Callable[[dict, Path], BadInput]:
+    def case(sources, tmp_path):
+        return BadInput(["to-hf", sources[kind]], (str(sources[kind]), "cannot be converted", *needles))
+
+    return case
+
+
 def olmo_missing_tensor(sources, tmp_path):
     src = copy_of(sources, "olmo", tmp_path)
     state = torch.load(src / "model.pt", weights_only=True)
@@ -1022,7 +1311,7 @@ BAD_INPUTS = {
     "to-hf-missing-source": (missing_source("to-hf"), False),
     "from-olmo-missing-source": (missing_source("from-olmo"), False),
     "model-type-llama": (model_type("llama"), True),
-    "model-type-olmo2": (model_type("olmo2"), False),
+    "model-type-olmoe": (model_type("olmoe"), False),
     "config-json-invalid": (invalid_json, False),
     "shape-mismatch": (shape_mismatch, False),
     "missing-shard": (missing_shard, False),
@@ -1040,6 +1329,29 @@ BAD_INPUTS = {
     "olmo-alibi": (olmo_unsupported("alibi", True), False),
     "olmo-missing-tensor": (olmo_missing_tensor, False),
     "olmo-no-weights": (olmo_no_weights, False),
+    # OLMo-2's options mixed with OLMo-1's, either way round.
+    "olmo-norm-after-with-layer-norm": (olmo_unsupported("norm_after", True), False),
+    "olmo-qk-norm-with-layer-norm": (olmo_unsupported("attention_layer_norm", True), False),
+    "olmo2-without-norm-after": (olmo2_options_but("norm_after", False), False),
+    "olmo2-rms-norm-without-weights": (olmo2_options_but("layer_norm_with_affine", False), False),
+    "olmo2-qk-norm-without-weights": (olmo2_options_but("attention_layer_norm_with_affine", False), False),
+    "olmo2-without-qk-norm": (olmo2_options_but("attention_layer_norm", False), False),
+    # RoPE that megaolmo does not rotate as transformers does.
+    "olmo3-sliding-yarn": (edit_rope("olmo3", {SLIDING: YARN}, ("sliding_attention", "'yarn'", "not plain")), False),
+    "olmo3-full-linear": (
+        edit_rope("olmo3", {FULL: {"rope_type": "linear", "factor": 2.0}}, ("'linear'", "not supported")),
+        False,
+    ),
+    "olmo2-linear": (edit_rope("olmo2", {"rope_type": "linear", "factor": 2.0}, ("'linear'", "not supported")), False),
+    "olmo2-dynamic": (edit_rope("olmo2", {"rope_type": "dynamic", "factor": 2.0}, ("'dynamic'",)), False),
+    "olmo2-yarn-untruncated": (edit_rope("olmo2", {**YARN, "truncate": False}, ("truncate=False",)), False),
+    "olmo3-yarn-partial-rotary": (
+        edit_rope("olmo3", {FULL: {**YARN, "partial_rotary_factor": 0.5}}, ("partial_rotary_factor=0.5",)),
+        False,
+    ),
+    # Models the transformers class would compute differently.
+    "to-hf-olmo2-clip-qkv": (to_hf_inexpressible("ckpt_olmo2_clip", ("clip_qkv=0.5", "Olmo2ForCausalLM")), True),
+    "to-hf-olmo1-layer-norm-eps": (to_hf_inexpressible("ckpt_olmo1_eps", ("layer_norm_eps=1e-06",)), False),
 }
 
 

@@ -3,7 +3,8 @@
 For a model preset, micro-batch size and sequence length it times forward,
 backward and the AdamW step of megaolmo with every linear backend this machine
 has (torch, torchao FP8, Transformer Engine FP8), and of Hugging Face's
-OlmoForCausalLM on the same weights and batch, in one run: tokens/s, model
+OlmoForCausalLM (Olmo2ForCausalLM or Olmo3ForCausalLM for the later
+generations) on the same weights and batch, in one run: tokens/s, model
 TFLOP/s (6N + 12 L d s FLOPs per token), MFU and peak memory. Under torchrun
 it measures the layout given by --tp/--pp (no transformers column then).
 Where the device has no FP8 GEMM (CPU, GPUs below sm_89) torchao's FP8 is
@@ -73,14 +74,15 @@ def megaolmo_step(config: ModelConfig, parallel: ParallelConfig, dtype: torch.dt
 
 
 def transformers_step(model: ParallelOLMo, dtype: torch.dtype, ids: torch.Tensor):
-    """OlmoForCausalLM with exactly megaolmo's weights on the same batch, in transformers' usual mixed precision
-    (autocast for bf16)."""
+    """The generation's transformers model (OlmoForCausalLM, Olmo2ForCausalLM or Olmo3ForCausalLM) with exactly
+    megaolmo's weights on the same batch, in transformers' usual mixed precision (autocast for bf16)."""
     import transformers
 
     config = model.config
     hf_config = config_to_hf(config, torch.float32)
     hf_config.pop("torch_dtype")
-    hf = transformers.OlmoForCausalLM(transformers.OlmoConfig(**hf_config)).to(model.mesh.device)
+    hf_config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).to(model.mesh.device)
     hf.load_state_dict(state_to_hf(config, model.full_tensors()), strict=False)
     optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=model.mesh.device.type == "cuda")
     ids = ids.to(model.mesh.device)
@@ -188,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--peak-tflops", type=float, help="datasheet peak per device for MFU (default: measured)")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false",
-                        help="skip the transformers OlmoForCausalLM column")  # fmt: skip
+                        help="skip the transformers column (Olmo, Olmo2 or Olmo3ForCausalLM)")  # fmt: skip
     parser.add_argument("--out", help="also write the rows to this .csv or .json file")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false",
                         help="fp32 matmuls in full fp32 on CUDA (default: TF32, as trainer.tf32)")  # fmt: skip

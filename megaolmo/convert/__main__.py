@@ -1,4 +1,5 @@
-"""Convert between megaolmo checkpoints, Hugging Face `OlmoForCausalLM` and allenai/OLMo checkpoints.
+"""Convert between megaolmo checkpoints, Hugging Face `OlmoForCausalLM`, `Olmo2ForCausalLM` and
+`Olmo3ForCausalLM` models, and allenai/OLMo checkpoints (OLMo-1's or OLMo-2's options).
 
     python -m megaolmo.convert from-hf   HF_DIR    OUT_DIR
     python -m megaolmo.convert to-hf     CKPT_DIR  HF_DIR
@@ -6,7 +7,9 @@
     python -m megaolmo.convert consolidate CKPT_DIR OUT_DIR   (a sharded training checkpoint, any layout)
 
 Every input is validated in full (config, tensor names, shapes, shards) before
-anything is written; a bad input ends with one line on stderr and exit code 2.
+anything is written; a bad input ends with one line on stderr and exit code 2. to-hf
+writes the transformers class of the checkpoint's generation (model.arch), and refuses
+a model that class would compute differently (OLMo-2/3 with clip_qkv, for one).
 to-hf and consolidate stream a megaolmo checkpoint tensor by tensor (a 65B model is
 ~260 GB in fp32); from-hf and from-olmo read their input whole.
 """
@@ -21,7 +24,7 @@ import torch
 
 from megaolmo.checkpoint import open_tensors, save_consolidated, write_consolidated
 from megaolmo.convert.allenai_olmo import read_olmo_dir
-from megaolmo.convert.hf import read_hf_dir, state_from_hf, write_hf_dir
+from megaolmo.convert.hf import check_hf_expressible, read_hf_dir, state_from_hf, write_hf_dir
 from megaolmo.errors import MegaolmoError, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +46,7 @@ def from_hf(args: argparse.Namespace) -> None:
 
 def to_hf(args: argparse.Namespace) -> None:
     tensors = open_tensors(args.src)
+    check_hf_expressible(tensors.config, str(args.src))
     write_hf_dir(
         Path(args.dst),
         tensors.config,

@@ -2,8 +2,11 @@
 
 OLMo names its tensors `transformer.wte`, `transformer.blocks.{i}.att_proj` (fused q/k/v),
 `attn_out`, `ff_proj` ([up | gate]), `ff_out` and `transformer.ff_out` (an untied head): the
-same fusion as megaolmo's, so converting is renaming. OLMo-1 features only; anything else
-(affine norms, biases, ALiBi, QK-norm, ...) is refused in one line.
+same fusion as megaolmo's, so converting is renaming. Two sets of options are read: OLMo-1's
+(a parameter-free LayerNorm before each sublayer) and OLMo-2's (`layer_norm_type: rms` with
+weights, `attention_layer_norm: true` for QK-norm, `norm_after: true`), whose norms are
+`attn_norm`, `ff_norm`, `q_norm`, `k_norm` and `transformer.ln_f` there as here. Anything else
+(biases, ALiBi, LayerNorm with affine weights, ...) is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,31 +26,66 @@ from megaolmo.config import ModelConfig
 from megaolmo.convert.hf import read_safetensors
 from megaolmo.errors import ConfigError, ConversionError
 
+# The options that make a block OLMo-1's or OLMo-2's, and their values in each (absent keys take OLMo-1's).
+_GENERATION_OPTIONS = {
+    "olmo1": {
+        "layer_norm_type": "default",
+        "layer_norm_with_affine": False,
+        "attention_layer_norm": False,
+        "norm_after": False,
+    },
+    "olmo2": {
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "attention_layer_norm": True,
+        "attention_layer_norm_with_affine": True,
+        "norm_after": True,
+    },
+}
+_REQUIRED_VALUES = {
+    "include_bias": False,
+    "bias_for_layer_norm": None,
+    "alibi": False,
+    "rope": True,
+    "block_type": "sequential",
+    "activation_type": "swiglu",
+    "scale_logits": False,
+}
+
+
+def _generation(model: Mapping[str, Any], source: str) -> str:
+    """olmo1 or olmo2, from the norm options; a mixture of the two is refused naming the first odd key."""
+    arch = "olmo2" if model.get("layer_norm_type") in ("rms", "amd_compatible_rms") else "olmo1"
+    for key, wanted in _GENERATION_OPTIONS[arch].items():
+        value = model.get(key, _GENERATION_OPTIONS["olmo1"].get(key, wanted))
+        if arch == "olmo2" and key == "layer_norm_type":
+            continue  # amd_compatible_rms computes the same function
+        if value != wanted:
+            generation = "OLMo-1" if arch == "olmo1" else "OLMo-2 (layer_norm_type: rms)"
+            raise ConversionError(f"{source}: model.{key}={value!r} is not supported; {generation} uses {wanted!r}")
+    return arch
+
+
+def _init_fn(arch: str, model: Mapping[str, Any]) -> str:
+    """megaolmo's init_fn for OLMo's: auto where it is the generation's own (mitchell for OLMo-1, normal for
+    OLMo-2), else named; OLMo's other schemes become mitchell, the nearest (a continued run never reinitializes)."""
+    init = "normal" if model.get("init_fn") == "normal" else "mitchell"
+    return "auto" if init == {"olmo1": "mitchell", "olmo2": "normal"}[arch] else init
+
 
 def config_from_olmo(model: Mapping[str, Any], source: str) -> ModelConfig:
-    """ModelConfig of the `model:` section of an OLMo config.yaml; OLMo-1 features only."""
-    required_values = {
-        "layer_norm_with_affine": False,
-        "include_bias": False,
-        "bias_for_layer_norm": None,
-        "attention_layer_norm": False,
-        "alibi": False,
-        "rope": True,
-        "block_type": "sequential",
-        "activation_type": "swiglu",
-        "layer_norm_type": "default",
-        "norm_after": False,
-        "scale_logits": False,
-    }
-    for key, wanted in required_values.items():
+    """ModelConfig of the `model:` section of an OLMo config.yaml: OLMo-1's options or OLMo-2's."""
+    arch = _generation(model, source)
+    for key, wanted in _REQUIRED_VALUES.items():
         value = model.get(key, wanted)
         if value != wanted and not (key == "bias_for_layer_norm" and not value):
-            raise ConversionError(f"{source}: model.{key}={value!r} is not supported; OLMo-1 uses {wanted!r}")
+            raise ConversionError(f"{source}: model.{key}={value!r} is not supported; OLMo uses {wanted!r}")
     try:
         d_model, n_heads = model["d_model"], model["n_heads"]
         hidden = model.get("mlp_hidden_size") or model.get("mlp_ratio", 4) * d_model  # ff_proj output, 2F
         n_kv_heads = model.get("n_kv_heads") or (1 if model.get("multi_query_attention") else n_heads)
         return ModelConfig(
+            arch=arch,
             d_model=d_model,
             n_layers=model["n_layers"],
             n_heads=n_heads,
@@ -60,6 +98,8 @@ def config_from_olmo(model: Mapping[str, Any], source: str) -> ModelConfig:
             clip_qkv=model.get("clip_qkv"),
             weight_tying=bool(model.get("weight_tying", True)),
             layer_norm_eps=float(model.get("layer_norm_eps", 1e-5)),
+            init_fn=_init_fn(arch, model),
+            init_std=float(model.get("init_std", 0.02)),
             eos_token_id=model.get("eos_token_id", 50279) or 50279,  # the 65B/70B configs say 0 by mistake
             pad_token_id=model.get("pad_token_id", 1),
         )
