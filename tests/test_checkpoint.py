@@ -184,6 +184,8 @@ def test_init_from_a_converted_model_on_any_layout(dataset, converted_olmo2: Pat
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "holds another model's weights: n_kv_heads=2 (now 4)" in errors[0], refused.stderr
+    missing = run(dataset, tmp_path / "missing", *OLMO2_FROM_HF, f"trainer.init_from={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "trainer.init_from=" in missing.stderr and "is not a directory" in missing.stderr
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path: Path) -> None:

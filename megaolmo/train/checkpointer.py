@@ -44,7 +44,10 @@ class Checkpointer:
         return bool(interval and step % interval == 0) or step == self.trainer.stop_at
 
     def resume(self, model: ParallelOLMo, optimizer: torch.optim.Optimizer, batches: GlobalBatches) -> int:
-        """Restore model, optimizer and data position per trainer.resume; returns the step to continue from."""
+        """Restore model, optimizer and data position per trainer.resume; returns the step to continue from.
+
+        A run with nothing to resume starts from `trainer.init_from`'s weights when it is given.
+        """
         if is_rank_zero():
             remove_incomplete(self.directory)
         choice = self.trainer.resume
@@ -63,6 +66,11 @@ class Checkpointer:
         source = self.trainer.init_from
         if source is None:
             return
+        if not Path(source).is_dir():
+            raise CheckpointError(
+                f"trainer.init_from={source} is not a directory; give a checkpoint (a run's checkpoints/stepN or "
+                "final/, or what python -m megaolmo.convert from-hf wrote)"
+            )
         differences = initialize_weights(source, model)
         if is_rank_zero():
             print(f"initialized the weights from {source}" + (f" ({', '.join(differences)})" if differences else ""))
