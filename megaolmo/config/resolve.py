@@ -141,8 +141,33 @@ class ResolvedRun:
         return self.layout.dp
 
 
+def resolve_warmup_steps(config: Config, seq_len: int) -> int:
+    """The warmup in optimizer steps: optim.warmup_steps, or optim.warmup_tokens over the tokens of a step,
+    rounded up (OLMo-2 counts its warmup in tokens: 8388608000 = 2000 steps of 1024 x 4096).
+
+    A warmup in both is refused unless they agree, so a step count left from another optim group cannot
+    silently win over (or lose to) a token count; agreeing also makes resolving a resolved config a no-op.
+    """
+    optim, tokens_per_step = config.optim, config.trainer.global_batch_size * seq_len
+    if optim.warmup_tokens is None:
+        return optim.warmup_steps
+    steps = -(-optim.warmup_tokens // tokens_per_step)
+    if optim.warmup_steps is not None and optim.warmup_steps != steps:
+        raise ConfigError(
+            f"optim.warmup_tokens={optim.warmup_tokens} ({steps} steps of {tokens_per_step} tokens) and "
+            f"optim.warmup_steps={optim.warmup_steps} both set the warmup; set optim.warmup_steps=null to count it "
+            "in tokens, or optim.warmup_tokens=null to count it in steps"
+        )
+    return steps
+
+
 def resolve(config: Config, world_size: int) -> ResolvedRun:
-    """Every start-up check of a training run on `world_size` ranks, before any group or tensor exists."""
+    """Every start-up check of a training run on `world_size` ranks, before any group or tensor exists.
+
+    The one field it writes back is optim.warmup_steps, derived from optim.warmup_tokens when that is set:
+    the schedule (megaolmo.train.optim.learning_rate) reads steps, and the run's logged config then shows
+    the warmup that ran.
+    """
     layout = resolve_layout(config.model, config.parallel, world_size)
     if config.model.attention == "flash" and config.trainer.precision == "fp32":
         raise ConfigError(
@@ -150,6 +175,7 @@ def resolve(config: Config, world_size: int) -> ResolvedRun:
             "set trainer.precision=bf16 or model.attention=sdpa"
         )
     seq_len = config.seq_len()
+    config.optim.warmup_steps = resolve_warmup_steps(config, seq_len)
     microbatches = microbatches_per_rank(
         config.parallel,
         dp=layout.dp,

@@ -301,7 +301,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # decoupled weight decay
     decay_embeddings: bool = False  # OLMo-1B/7B exempt the embedding from weight decay; 65B/70B decay it
     scheduler: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 2000  # linear warmup from warmup_start x lr to lr
+    warmup_steps: int | None = 2000  # linear warmup from warmup_start x lr to lr; null: from warmup_tokens
+    warmup_tokens: int | None = None  # the warmup in tokens (OLMo-2): ceil(tokens / tokens per step) steps
     warmup_start: float = 0.1  # OLMo's warmup starts at 0.1 x lr, not at 0
     alpha_f: float = 0.1  # final learning rate as a fraction of lr (cosine and linear)
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables clipping
@@ -314,6 +315,16 @@ class OptimConfig:
             raise ConfigError(f"optim.scheduler={self.scheduler!r} is not one of cosine, linear, constant")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive")
+        # One warmup length, in steps or in tokens: resolve() turns tokens into steps once the batch is known
+        # (and accepts the steps it wrote itself), so a warmup in both is refused there, not guessed at.
+        if self.warmup_tokens is not None and (not isinstance(self.warmup_tokens, int) or self.warmup_tokens < 0):
+            raise ConfigError(f"optim.warmup_tokens={self.warmup_tokens!r} must be a token count >= 0 or null")
+        if self.warmup_steps is None and self.warmup_tokens is None:
+            raise ConfigError(
+                "optim.warmup_steps=null needs optim.warmup_tokens (the warmup in tokens); set one of the two"
+            )
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0 (or null with warmup_tokens)")
 
 
 @dataclass

@@ -10,12 +10,17 @@ import math
 import torch
 from torch import nn
 
-from megaolmo.config import OptimConfig
+from megaolmo.config import ConfigError, OptimConfig
 
 
 def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimConfig, device: torch.device):
-    """AdamW; the embedding is exempt from weight decay unless `decay_embeddings` (OLMo has no norm or bias
-    parameters to exempt)."""
+    """AdamW; the embedding (wte) is exempt from weight decay unless `decay_embeddings`, and every other
+    parameter is decayed.
+
+    OLMo-1 has no norm weights or biases to exempt. OLMo-2/3's RMSNorm weights (attn_norm, ff_norm, q_norm,
+    k_norm, ln_f) are decayed like the linears, as allenai/OLMo does with `decay_norm_and_bias: true` and
+    OLMo-core with its only override, weight_decay 0 on `embeddings.weight`.
+    """
     decay, no_decay = [], []
     for name, param in named_parameters:
         exempt = name.split(".")[0] == "wte" and not config.decay_embeddings
@@ -29,13 +34,23 @@ def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: Op
 
 def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
     """lr for optimizer step `step` (0-based): warmup from warmup_start x lr, then cosine, linear or constant
-    down to alpha_f x lr at max_steps."""
-    if step < config.warmup_steps:
-        return config.lr * (config.warmup_start + (1 - config.warmup_start) * step / config.warmup_steps)
+    down to alpha_f x lr at max_steps.
+
+    A warmup given in tokens (optim.warmup_tokens) is turned into steps by megaolmo.config.resolve, which
+    needs the batch; until then warmup_steps is null and there is no schedule to compute.
+    """
+    warmup = config.warmup_steps
+    if warmup is None:
+        raise ConfigError(
+            f"optim.warmup_tokens={config.warmup_tokens} is not resolved into optim.warmup_steps yet; "
+            "call megaolmo.config.resolve(config, world_size) first"
+        )
+    if step < warmup:
+        return config.lr * (config.warmup_start + (1 - config.warmup_start) * step / warmup)
     if config.scheduler == "constant":
         return config.lr
     final = config.alpha_f * config.lr
-    progress = min((step - config.warmup_steps) / max(max_steps - config.warmup_steps, 1), 1.0)
+    progress = min((step - warmup) / max(max_steps - warmup, 1), 1.0)
     if config.scheduler == "linear":
         return config.lr - (config.lr - final) * progress
     return final + (config.lr - final) * 0.5 * (1 + math.cos(math.pi * progress))
