@@ -6,20 +6,26 @@ import dataclasses
 import json
 from pathlib import Path
 
+import plan_worker
 import pytest
 import torch
 from gloo_groups import spawn, spawned_results
 from helpers import small_model
 from plan_worker import GLOBAL_BATCH, MICRO_BATCH, MODEL, SEQ_LEN, Run, measure_runs, profiled_peak, train_two_steps
 
+from megaolmo import ModelConfig, build_model
 from megaolmo.config import ConfigError
+from megaolmo.model.flops import attended_pairs, attention_fraction, flops_per_token
+from megaolmo.model.olmo import OLMoBlock
+from megaolmo.model.rope import rope_tables
 from megaolmo.plan import Plan, make_plan
-from megaolmo.plan.__main__ import main
+from megaolmo.plan.__main__ import compose_config, main
 from megaolmo.plan.comm import pp_bytes_per_microbatch, tp_bytes_per_microbatch, traffic
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import Layout, Placement, Workload
 from megaolmo.plan.memory import block_activation_terms
 from megaolmo.plan.search import candidate_layouts, search
+from megaolmo.plan.timing import attention_forward
 
 TOLERANCE = 0.10
 SINGLE = [Run("single_fp32"), Run("single_bf16", bf16=True)]
@@ -206,3 +212,154 @@ def test_placement_refuses_what_megaolmo_refuses() -> None:
         Placement(dataclasses.replace(work, global_batch_size=12), Layout(dp=8, micro_batch_size=4))
     with pytest.raises(ConfigError, match="cannot fill 4 pipeline stages"):
         Placement(work, Layout(pp=4, micro_batch_size=8))
+
+
+# OLMo-2 and OLMo-3: the measured model's shapes with the newer blocks (a window shorter than the sequence).
+NEW_ARCHS = {"olmo2": {"arch": "olmo2"}, "olmo3": {"arch": "olmo3", "sliding_window": 32}}
+NEW_PRESETS = ["olmo2_1b", "olmo2_7b", "olmo2_13b", "olmo2_32b", "olmo3_7b", "olmo3_32b"]
+
+
+def test_memory_plan_matches_a_single_process_of_olmo3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measured single process (fp32) with OLMo-3's block: post-sublayer RMSNorms and their weights, QK-norm,
+    ln_f's weight, and sliding windows on three of the four blocks."""
+    model = dataclasses.replace(MODEL, **NEW_ARCHS["olmo3"])
+    monkeypatch.setattr(plan_worker, "MODEL", model)  # train_two_steps builds plan_worker.MODEL
+    run = SINGLE[0]
+    _, peak = profiled_peak(run)
+    work = Workload(model, SEQ_LEN, GLOBAL_BATCH, run.bf16, "cpu", model.kernels, False, False)
+    check(make_plan(work, Layout(micro_batch_size=MICRO_BATCH), TEST_HARDWARE).peak_bytes, peak, f"olmo3 {run.name}")
+
+
+def saved_block_bytes(config: ModelConfig, layer: int, dtype: torch.dtype, seq_len: int, batch: int) -> int:
+    """Bytes autograd keeps for one block's forward on one process (parameters and RoPE tables left out)."""
+    with torch.device("meta"):
+        block = OLMoBlock(config, layer)
+    block.to_empty(device="cpu").to(dtype)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    cos, sin = rope_tables(seq_len, config.head_dim, config.rope_theta, torch.device("cpu"))
+    not_activations = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in not_activations:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = torch.randn(seq_len, batch, config.d_model, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    ("arch", "kernels", "bf16"),
+    [("olmo2", "torch", False), ("olmo2", "torch", True), ("olmo3", "torch", False), ("olmo3", "torch", True),
+     ("olmo3", "triton", True)],  # the Triton interpreter takes seconds a block: the GPU's case only
+    ids=["olmo2-torch-fp32", "olmo2-torch-bf16", "olmo3-torch-fp32", "olmo3-torch-bf16", "olmo3-triton-bf16"],
+)  # fmt: skip
+def test_block_activations_of_the_newer_blocks_follow_the_code(arch: str, kernels: str, bf16: bool) -> None:
+    """What autograd keeps in an OLMo-2/3 block: the residual stream for att_proj and ff_proj, the RMSNorms'
+    inputs, QK-norm's (views that hold qkv with the kernel or in fp32), OLMo-3's window mask as an SDPA bias on
+    its sliding blocks; averaged over a sliding block and a full one. Within 2% (a few KiB of small tensors
+    the planner leaves out, as for OLMo-1)."""
+    s, b = 64, 2
+    config = small_model(n_layers=2, d_model=128, ffn_hidden_size=352, kernels=kernels, max_sequence_length=s)
+    config = dataclasses.replace(config, **NEW_ARCHS[arch])
+    if arch == "olmo3":
+        config = dataclasses.replace(config, layer_types=["sliding_attention", "full_attention"])
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    measured = sum(saved_block_bytes(config, i, dtype, s, b) for i in range(2)) / 2
+    placement = Placement(Workload(config, s, 8, bf16, "cpu", kernels, False, False), Layout(micro_batch_size=b))
+    terms = block_activation_terms(placement)
+    planned = sum(terms.values())
+    assert abs(planned / measured - 1) < 0.02, (measured, terms)
+    assert any(key.startswith("QK-norm") for key in terms)
+    assert any(key.startswith("window mask") for key in terms) == (arch == "olmo3")
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_planned_parameters_of_the_new_presets_equal_the_built_model(name: str) -> None:
+    """The planner's parameters (its block shapes with the norm weights, ln_f, embedding and head) on one rank,
+    and summed over TP ranks, equal num_params and the model built on meta."""
+    config = ModelConfig.preset(name)
+    built = sum(p.numel() for p in build_model(config, device="meta").parameters())
+    work = Workload(config, 4096, 64, True, "cuda", "triton", True, False)
+    one = Placement(work, Layout(dp=1, micro_batch_size=1))
+    assert one.unsharded_params(one.ranks()[0]) == config.num_params() == built
+    tp = Placement(work, Layout(tp=8, dp=1, micro_batch_size=1))
+    hd = config.head_dim
+    assert tp.block_param_shapes()[-2:] == [(config.n_heads * hd // 8, 1), (config.kv_heads * hd // 8, 1)]
+    replicated = 2 * config.d_model * config.n_layers + config.d_model  # attn_norm, ff_norm, ln_f: on every rank
+    assert 8 * tp.unsharded_params(tp.ranks()[0]) - 7 * replicated == built  # the rest is split 8 ways
+
+
+def test_sliding_window_attention_flops() -> None:
+    """OLMo-3's sliding blocks count the keys their queries see: fewer FLOPs than OLMo-2 at the same shapes once
+    the sequence outgrows the window, the same when the window covers it; OLMo-1 and OLMo-2 keep 12 d s."""
+    assert attended_pairs(8, 3) == 1 + 2 + 3 * 6 and attended_pairs(8) == attended_pairs(8, 8) == 36
+    assert attention_fraction(8192, 4096) == pytest.approx((4096 * 4097 / 2 + 4096 * 4096) / (8192 * 8193 / 2))
+    olmo2 = ModelConfig.preset("olmo2_7b", max_sequence_length=8192)
+    olmo3 = ModelConfig.preset("olmo3_7b")
+    assert olmo3.num_params() == olmo2.num_params()
+    for seq_len in (2048, 4096):  # the window covers the sequence: every block is full causal attention
+        assert flops_per_token(olmo3, seq_len) == flops_per_token(olmo2, seq_len)
+    attention = 12 * olmo2.d_model * 8192  # one full block's attention term per token
+    saved = 24 * attention * (1 - attention_fraction(8192, 4096))  # 24 sliding blocks of 32
+    assert flops_per_token(olmo3, 8192) == pytest.approx(flops_per_token(olmo2, 8192) - saved)
+    assert flops_per_token(olmo3, 8192) < flops_per_token(olmo2, 8192)
+    seven = ModelConfig.preset("olmo_7b")
+    assert flops_per_token(seven, 2048) == 6 * seven.num_params(include_embedding=False) + 12 * 32 * 4096 * 2048
+    # The roofline: flash-attn computes the band only; SDPA's mask makes it compute every pair.
+    hardware = dataclasses.replace(TEST_HARDWARE, device="cuda", peak_flops=1e15, hbm_bytes_per_s=3e12)
+    flash = Placement(Workload(dataclasses.replace(olmo3, attention="flash"), 8192, 8, True, "cuda", "triton",
+                               True, False), Layout(dp=8, micro_batch_size=1))  # fmt: skip
+    full = attention_forward(flash, hardware)
+    assert attention_forward(flash, hardware, 4096) == pytest.approx(full * attention_fraction(8192, 4096))
+    assert attention_forward(flash, hardware, 8192) == full
+    sdpa = Placement(dataclasses.replace(flash.work, model=olmo3), flash.layout)
+    assert attention_forward(sdpa, hardware, 4096) > 1.9 * full
+
+
+def test_qk_norm_all_reduces_and_sp_norm_weights() -> None:
+    """OLMo-2 under TP2 + SP sends OLMo-1's collectives plus, per block, QK-norm's four all-reduces of [s, b, 1]
+    fp32 (q and k, forward and backward) and the all-reduces of attn_norm's and ff_norm's weight gradients
+    (ln_f's too on the last stage); without TP, none."""
+    olmo2 = dataclasses.replace(HAND_MODEL, arch="olmo2")
+    layout = Layout(tp=2, micro_batch_size=4, sequence_parallel=True)
+    old, new = (Placement(dataclasses.replace(HAND_WORK, model=m), layout) for m in (HAND_MODEL, olmo2))
+    (rank,) = new.ranks()
+    tokens, layers, h = 128 * 4, HAND_MODEL.n_layers, HAND_MODEL.d_model
+    qk_norm = layers * 4 * 2 * 0.5 * tokens * 4
+    norm_weights = (2 * layers + 1) * 2 * 0.5 * h * 4  # fp32 here
+    assert tp_bytes_per_microbatch(new, rank) == tp_bytes_per_microbatch(old, rank) + qk_norm + norm_weights
+    full = Placement(new.work, dataclasses.replace(layout, activation_checkpointing="full"))
+    full_old = Placement(old.work, full.layout)
+    extra = tp_bytes_per_microbatch(full, rank) - tp_bytes_per_microbatch(full_old, rank)
+    assert extra == pytest.approx(qk_norm * 6 / 4 + norm_weights)  # recompute repeats the forward's two
+    assert tp_bytes_per_microbatch(Placement(new.work, Layout(dp=2, micro_batch_size=4)), rank) == 0
+
+
+@pytest.mark.parametrize("experiment", ["olmo2_1b", "olmo2_7b", "olmo2_13b", "olmo2_32b", "olmo3_7b"])
+def test_cli_plans_the_new_recipes(experiment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every OLMo-2/3 recipe's layout fits with 10% of the usable memory to spare, as its comment says."""
+    assert main([f"experiment={experiment}"]) == 0
+    out = capsys.readouterr().out
+    assert "QK-norm" in out and "att_proj, ff_proj inputs (the residual stream)" in out
+    peak = next(line for line in out.splitlines() if line.strip().startswith("peak ")).split()
+    assert peak[2] == peak[5] == "GiB" and float(peak[1]) <= 0.9 * float(peak[4]), peak  # peak X GiB of Y GiB usable
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "slurm").glob("olmo*.sh")))
+def test_each_slurm_recipe_asks_for_the_gpus_its_experiment_plans(script: str) -> None:
+    """A slurm/olmo*.sh script's nodes and GPUs per node are the ones its experiment's plan lays out."""
+    text = (REPO / "slurm" / script).read_text()
+    options = [line[len("#SBATCH --") :].partition("=") for line in text.splitlines() if line.startswith("#SBATCH --")]
+    sbatch = {key: value for key, _, value in options}
+    experiment = text.split('slurm/train.sh" experiment=', 1)[1].split()[0]
+    config = compose_config([f"experiment={experiment}"])
+    assert int(sbatch["nodes"]) == config.cluster.nodes, (script, experiment)
+    assert int(sbatch["gpus-per-node"]) == int(sbatch["ntasks-per-node"]) == config.cluster.gpus_per_node

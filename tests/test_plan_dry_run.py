@@ -19,6 +19,12 @@ from megaolmo.plan.layout import Layout, Placement
         # tp8 x pp4 x vp2 over 80 blocks: rank 0 runs stages 0 and 4, the last rank (pp rank 3) stages 3 and 7
         ("olmo_65b", "0 0 0,4 0-9,40-49", "511 3 3,7 30-39,70-79"),
         ("olmo_65b_1024", "0 0 0,4,8,12 0-4,20-24,40-44,60-64", "1023 3 3,7,11,15 15-19,35-39,55-59,75-79"),
+        # OLMo-2/3: FSDP2 shards (and pads) every norm weight on its own; the planner counts them one by one
+        ("olmo2_1b", "0 0 0 0-15", "7 0 0 0-15"),
+        ("olmo2_7b", "0 0 0 0-31", "63 0 0 0-31"),
+        ("olmo2_13b", "0 0 0 0-39", "127 0 0 0-39"),  # TP2: q_norm and k_norm split by head
+        ("olmo2_32b", "0 0 0 0-63", "255 0 0 0-63"),  # TP4 with GQA: k_norm is 1024 / 4 wide
+        ("olmo3_7b", "0 0 0 0-31", "63 0 0 0-31"),
     ],
 )
 def test_dry_run_of_a_recipe_equals_the_plan(

@@ -48,7 +48,10 @@ def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
     With SP, each sublayer (attention, MLP) all-gathers its input and reduce-scatters its output in forward;
     backward mirrors both and all-gathers the input again for the weight gradient (3 per direction + 1).
     Without SP, each sublayer all-reduces its output in forward and its input gradient in backward.
-    Full recompute runs the forward's collectives again in backward.
+    Full recompute runs the forward's collectives again in backward. OLMo-2/3 add small ones: QK-norm sums
+    the squares of each token's q and of its k over the heads of the TP group, an all-reduce of [s, b, 1]
+    fp32 each, forward and backward (`qk_norm_bytes_per_layer`); under SP the norm weights' gradients are
+    all-reduced too (`norm_weight_bytes`).
     """
     layout = placement.layout
     tp = layout.tp
@@ -56,6 +59,8 @@ def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
         return 0.0
     act = activation_bytes(placement)
     recompute = layout.activation_checkpointing == "full"
+    qk_norm = qk_norm_bytes_per_layer(placement)
+    norms = norm_weight_bytes(placement, rank)
     if layout.sequence_parallel:
         forward, backward = 4, 6  # gathers/scatters per layer
         per_layer = (forward + backward + (forward if recompute else 0)) * ring(tp) * act
@@ -68,7 +73,35 @@ def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
         head = 2 * ring(tp) * act  # all-reduce of the input gradient
     tokens = placement.work.seq_len * layout.micro_batch_size
     loss = 3 * 2 * ring(tp) * tokens * FP32  # max, sum of exp and target logit over the vocabulary shards
-    return rank.layers * per_layer + (embedding if rank.first else 0.0) + (head + loss if rank.last else 0.0)
+    per_layer += qk_norm
+    ends = (embedding if rank.first else 0.0) + (head + loss if rank.last else 0.0)
+    return rank.layers * per_layer + ends + norms
+
+
+def qk_norm_collectives(placement: Placement) -> int:
+    """QK-norm's all-reduces per block per micro-batch under TP: q's and k's sums of squares forward, their
+    gradients backward, and the forward's again under full recompute."""
+    layout = placement.layout
+    if layout.tp == 1 or not placement.model.qk_norm:
+        return 0
+    return 2 * (2 + (layout.activation_checkpointing == "full"))
+
+
+def qk_norm_bytes_per_layer(placement: Placement) -> float:
+    """Bytes one GPU sends for QK-norm in one block per micro-batch: all-reduces of [s, b, 1] fp32."""
+    tokens = placement.work.seq_len * placement.layout.micro_batch_size
+    return qk_norm_collectives(placement) * 2 * ring(placement.layout.tp) * tokens * FP32
+
+
+def norm_weight_bytes(placement: Placement, rank: PipelineRank) -> float:
+    """Under SP each TP rank normalizes another part of the sequence with the same RMSNorm weight, so every
+    backward all-reduces those weights' gradients (attn_norm and ff_norm per block, ln_f on the last stage)."""
+    layout, model = placement.layout, placement.model
+    if layout.tp == 1 or not layout.sequence_parallel or not model.norm_after:
+        return 0.0
+    compute, _ = dtype_bytes(placement)
+    norms = 2 * rank.layers + int(rank.last)
+    return norms * 2 * ring(layout.tp) * model.d_model * compute
 
 
 def pp_bytes_per_microbatch(placement: Placement) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from megaolmo.config import Config, ModelConfig, ParallelConfig, microbatches_per_rank, resolve_dp, resolve_layout
 from megaolmo.errors import ConfigError
 from megaolmo.model.flops import flops_per_token
-from megaolmo.parallel.pipeline import stages_of_rank
+from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
 
 RECOMPUTE_NAMES = {"none": "no recompute", "selective": "selective recompute", "full": "full recompute"}
 
@@ -173,15 +173,24 @@ class Placement:
         return self.model.padded_vocab_size
 
     def block_param_shapes(self) -> list[tuple[int, int]]:
-        """This TP rank's weights of one block: att_proj, attn_out, ff_proj, ff_out."""
+        """This TP rank's weights of one block: att_proj, attn_out, ff_proj, ff_out, and on OLMo-2/3 the norm
+        weights as (n, 1): attn_norm and ff_norm (replicated over TP), q_norm and k_norm (split by head).
+
+        The norms are 0.01% of the parameters, but FSDP2 shards (and pads) each of them on its own, so the
+        dry run's exact count needs them."""
         m, tp = self.model, self.layout.tp
         hd = m.head_dim
-        return [
+        shapes = [
             ((m.n_heads + 2 * m.kv_heads) * hd // tp, m.d_model),
             (m.d_model, m.n_heads * hd // tp),
             (2 * m.ffn_hidden_size // tp, m.d_model),
             (m.d_model, m.ffn_hidden_size // tp),
         ]
+        if m.norm_after:
+            shapes += [(m.d_model, 1), (m.d_model, 1)]
+        if m.qk_norm:
+            shapes += [(m.n_heads * hd // tp, 1), (m.kv_heads * hd // tp, 1)]
+        return shapes
 
     @property
     def block_params(self) -> int:
@@ -211,10 +220,13 @@ class Placement:
             )
         return out
 
+    def final_norm_params(self, rank: PipelineRank) -> int:
+        """ln_f's weight on the last stage (OLMo-2/3; OLMo-1's LayerNorm has none), replicated over TP."""
+        return self.model.d_model if rank.last and self.model.norm_after else 0
+
     def unsharded_params(self, rank: PipelineRank) -> int:
         """Parameters this rank holds before DP sharding (after TP)."""
-        vocab_rows, d = self.embedding_shape
-        return rank.layers * self.block_params + (rank.embedding_copies + int(rank.head)) * vocab_rows * d
+        return rank.layers * self.block_params + self.root_params(rank)
 
     def sharded_params(self, rank: PipelineRank) -> int:
         """Parameters this rank keeps under FSDP2: each tensor split along dim 0, padded to a multiple of dp."""
@@ -223,12 +235,18 @@ class Placement:
             return self.unsharded_params(rank)
         block = sum(math.ceil(a / dp) * b for a, b in self.block_param_shapes())
         vocab_rows, d = self.embedding_shape
-        return rank.layers * block + (rank.embedding_copies + int(rank.head)) * math.ceil(vocab_rows / dp) * d
+        root = (rank.embedding_copies + int(rank.head)) * math.ceil(vocab_rows / dp) * d
+        return rank.layers * block + root + math.ceil(self.final_norm_params(rank) / dp)
 
     def root_params(self, rank: PipelineRank) -> int:
-        """Parameters outside the blocks (embedding, head): FSDP's root unit of each stage module."""
+        """Parameters outside the blocks (embedding, head, ln_f's weight): FSDP's root unit of each stage module."""
         vocab_rows, d = self.embedding_shape
-        return (rank.embedding_copies + int(rank.head)) * vocab_rows * d
+        return (rank.embedding_copies + int(rank.head)) * vocab_rows * d + self.final_norm_params(rank)
+
+    def block_indices(self, rank: PipelineRank) -> list[int]:
+        """The blocks this pipeline rank runs, over all its stage modules (for per-layer attention windows)."""
+        ranges = stage_layer_ranges(self.stage_layers)
+        return [i for stage in stages_of_rank(rank.pp_rank, self.layout.pp, self.layout.vp) for i in ranges[stage]]
 
     def microbatches_in_flight(self, rank: PipelineRank) -> tuple[int, int]:
         """(forward chunks whose activations are alive at once at the peak, chunks the rank runs per step).

@@ -8,6 +8,14 @@ model/olmo.py, the kernels and the TP layers rather than Megatron's 34 s b h:
   only its output (Triton kernel), plus fp32 row statistics; under sequence
   parallelism on s / tp rows. The column-parallel linear after it keeps only
   that sequence shard and gathers again in backward.
+- OLMo-2/3 normalize each sublayer's output instead: att_proj and ff_proj keep
+  the residual stream itself, and each RMSNorm keeps the sublayer's output
+  (Triton) or its fp32 copy and the normalized output (torch), plus rstd.
+  QK-norm keeps q and k (views that hold all of qkv, when the kernel or fp32
+  keeps its input) or, on the torch path (and always under TP, where the
+  statistic is all-reduced), their fp32 copies and normalized values.
+- OLMo-3's sliding blocks under SDPA pass a boolean [s, s] mask, which SDPA
+  turns into a bias in the compute dtype and keeps; flash-attn keeps nothing.
 - attention keeps the contiguous q, k, v it hands to SDPA, SDPA's output and
   fp32 logsumexp, and the [s, b, h] copy of the output for attn_out (a view
   when the batch is 1 and the output is already [b, s, heads, hd]); flash-attn
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megaolmo.config import ModelConfig
 from megaolmo.plan.layout import PipelineRank, Placement
 
 FP32, BF16 = 4, 2
@@ -78,12 +87,78 @@ def dtype_bytes(placement: Placement) -> tuple[int, int]:
     return compute, compute
 
 
+def _norm_rows(placement: Placement) -> int:
+    """Tokens of the norm regions on this rank: the sequence shard under SP, else the whole sequence."""
+    layout, s = placement.layout, placement.work.seq_len
+    return (s // layout.tp if layout.sequence_parallel else s) * layout.micro_batch_size
+
+
+def sliding_blocks(model: ModelConfig, seq_len: int) -> int:
+    """Blocks whose window is shorter than the sequence (OLMo-3's sliding layers); the others are causal."""
+    windows = (model.attention_window(i) for i in range(model.n_layers))
+    return sum(1 for window in windows if window is not None and window < seq_len)
+
+
+def window_mask_bias(placement: Placement) -> bool:
+    """Whether sliding blocks run SDPA with a boolean [s, s] mask, which SDPA turns into an additive bias in
+    the compute dtype at every call and keeps for backward (flash-attn takes the window as two numbers)."""
+    model = placement.model
+    return model.attention == "sdpa" and sliding_blocks(model, placement.work.seq_len) > 0
+
+
+def _norm_terms(placement: Placement) -> dict[str, float]:
+    """The block's two norms and what the linears after them keep, by generation and kernel."""
+    work, model = placement.work, placement.model
+    rows, h = _norm_rows(placement), model.d_model
+    compute, residual = dtype_bytes(placement)
+    if not model.norm_after:  # OLMo-1: the norm's output is the linear's input, kept once
+        if work.kernels == "triton":  # keeps its output (which the next linear shares) and rstd
+            return {"2 LayerNorms: output, rstd": 2 * rows * (residual * h + STAT)}
+        # F.layer_norm on x.float() keeps that fp32 input; the output in the compute dtype feeds the linear
+        return {"2 LayerNorms: fp32 input, output, mean, rstd": 2 * rows * ((FP32 + compute) * h + 2 * STAT)}
+    # OLMo-2/3: att_proj and ff_proj read the residual stream itself (the block input, then x + attention),
+    # and each norm after a sublayer keeps the sublayer's output, a tensor nothing else holds.
+    terms = {"att_proj, ff_proj inputs (the residual stream)": 2 * rows * residual * h}
+    if work.kernels == "triton":  # the kernel keeps its input and rstd
+        terms["2 RMSNorms after attention, MLP: input, rstd"] = 2 * rows * (compute * h + STAT)
+    else:  # the reference keeps x in fp32 (x itself in fp32), the normalized x before the weight, and rstd
+        terms["2 RMSNorms after attention, MLP: fp32 input, normalized, rstd"] = (
+            2 * rows * ((FP32 + compute) * h + STAT)
+        )
+    return terms
+
+
+def _qk_norm_terms(placement: Placement, qkv_held: bool) -> dict[str, float]:
+    """What QK-norm keeps: the RMSNorms of the whole projected q and k (before RoPE).
+
+    q and k are views of att_proj's output: a kernel (or an fp32 `.float()`, a no-op) that keeps its input
+    keeps all of qkv alive, unless the attention path holds it already. The torch path (the reference, and
+    the TP norm whose statistic is all-reduced over heads) keeps an fp32 copy in bf16 and the normalized
+    q and k before the weight; every path keeps one fp32 rstd per token for each.
+    """
+    work, layout, model = placement.work, placement.layout, placement.model
+    tokens = work.seq_len * layout.micro_batch_size
+    q, kv = model.n_heads * model.head_dim // layout.tp, model.kv_heads * model.head_dim // layout.tp
+    compute, _ = dtype_bytes(placement)
+    torch_path = work.kernels != "triton" or layout.tp > 1
+    terms: dict[str, float] = {}
+    if (not torch_path or compute == FP32) and not qkv_held:
+        terms["QK-norm inputs: views that hold qkv"] = tokens * (q + 2 * kv) * compute
+    if torch_path:
+        if compute != FP32:
+            terms["QK-norm fp32 copies of q, k"] = tokens * (q + kv) * FP32
+        terms["QK-norm normalized q, k"] = tokens * (q + kv) * compute
+    terms["QK-norm rstd (q, k)"] = 2 * tokens * STAT
+    return terms
+
+
 def block_activation_terms(placement: Placement, recompute: str | None = None) -> dict[str, float]:
-    """Bytes one block keeps for backward per micro-batch on one rank, by term."""
+    """Bytes one block keeps for backward per micro-batch on one rank, by term (averaged over the blocks
+    where they differ: OLMo-3's sliding blocks under SDPA keep a mask bias that full blocks do not)."""
     work, layout, model = placement.work, placement.layout, placement.model
     recompute = recompute or layout.activation_checkpointing
     s, b, h, tp = work.seq_len, layout.micro_batch_size, model.d_model, layout.tp
-    rows = (s // tp if layout.sequence_parallel else s) * b  # tokens of the LayerNorm regions on this rank
+    rows = _norm_rows(placement)
     tokens = s * b  # tokens of the TP regions (the whole sequence)
     q = model.n_heads * model.head_dim // tp  # this rank's query width
     kv = model.kv_heads * model.head_dim // tp
@@ -91,22 +166,26 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
     compute, residual = dtype_bytes(placement)
     if recompute == "full":
         return {"block input (full recompute)": residual * rows * h}
-    terms: dict[str, float] = {}
-    if work.kernels == "triton":  # keeps its output (which the next linear shares) and rstd
-        terms["2 LayerNorms: output, rstd"] = 2 * rows * (residual * h + STAT)
-    else:  # F.layer_norm on x.float() keeps that fp32 input; the output in the compute dtype feeds the linear
-        terms["2 LayerNorms: fp32 input, output, mean, rstd"] = 2 * rows * ((FP32 + compute) * h + 2 * STAT)
+    terms = _norm_terms(placement)
     # attn_out keeps its input: a copy of the attention output in [s, b, h], or with a batch of 1 a view of
     # it when the kernel writes [b, s, heads, hd] (CUDA SDPA, flash-attn), which SDPA itself keeps anyway.
     output_view = b == 1 and (work.device == "cuda" or model.attention == "flash")
     if model.clip_qkv is not None:
         terms["qkv before clamp"] = tokens * (q + 2 * kv) * compute
-    if recompute == "selective" or model.attention == "flash":
+    qkv_held = recompute == "selective" or model.attention == "flash"
+    if qkv_held:
         terms["q, k after RoPE; qkv (held by the v view)"] = tokens * (q + kv + q + 2 * kv) * compute
     else:
         terms["q, k, v for SDPA"] = tokens * (q + 2 * kv) * compute
+    if model.qk_norm:
+        terms.update(_qk_norm_terms(placement, qkv_held))
     if recompute != "selective":
         terms["attention output, logsumexp"] = tokens * (q * compute + model.n_heads // tp * STAT)
+        if window_mask_bias(placement):
+            sliding = sliding_blocks(model, s)
+            terms[f"window mask as an [s, s] SDPA bias ({sliding} of {model.n_layers} blocks)"] = (
+                sliding / model.n_layers * s * s * compute
+            )
     if recompute == "selective" or not output_view:
         terms["attention output as [s, b, h] for attn_out"] = tokens * q * compute
     swiglu = 3 if work.kernels == "triton" else 4  # [up | gate] and the product; torch also keeps silu(gate)
@@ -128,11 +207,22 @@ def logits_bytes(placement: Placement, dtype_bytes_: int | None = None) -> float
     return rows * placement.embedding_shape[0] * (dtype_bytes_ or compute)
 
 
+def final_norm_bytes(placement: Placement) -> float:
+    """What ln_f keeps, its output (the head's input) included: one of OLMo-1's block LayerNorms; on OLMo-2/3
+    the RMSNorm's own terms on the residual stream, plus its output, which the head keeps."""
+    model, rows = placement.model, _norm_rows(placement)
+    compute, residual = dtype_bytes(placement)
+    if not model.norm_after:
+        return next(iter(_norm_terms(placement).values())) / 2
+    if placement.work.kernels == "triton":  # its input (the last residual) and rstd; the output for the head
+        return rows * ((residual + compute) * model.d_model + STAT)
+    return rows * ((FP32 + 2 * compute) * model.d_model + STAT)  # fp32 input, normalized, output, rstd
+
+
 def head_activation_bytes(placement: Placement) -> float:
-    """What the final LayerNorm, the head and the loss keep per micro-batch: the norm's terms, the gathered hidden
+    """What the final norm, the head and the loss keep per micro-batch: the norm's terms, the gathered hidden
     states a tied head under SP keeps, and the loss's fp32 (log-)softmax."""
-    terms = block_activation_terms(placement, "none")
-    norm = next(value for key, value in terms.items() if key.startswith("2 LayerNorms")) / 2
+    norm = final_norm_bytes(placement)
     layout, work = placement.layout, placement.work
     compute, _ = dtype_bytes(placement)
     gathered = 0.0
@@ -149,7 +239,8 @@ def _recompute_bytes(placement: Placement) -> float:
     core = block_activation_terms(placement, "none")
     if recompute == "full":
         return sum(core.values())
-    return core.get("q, k, v for SDPA", 0.0) + core.get("attention output, logsumexp", 0.0)
+    attention = ("q, k, v for SDPA", "attention output, logsumexp", "window mask as an")
+    return sum(value for key, value in core.items() if key.startswith(attention))
 
 
 def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
@@ -175,6 +266,8 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
         f"weights (fp32 master{shard})": FP32 * sharded,
         f"optimizer states (2 fp32 AdamW moments{shard})": 2 * FP32 * sharded,
     }
+    if window_mask_bias(placement) and rank.layers:  # olmo.sliding_window_mask's cache: bool [s, s]
+        persistent["sliding-window mask (cached bool [s, s])"] = float(work.seq_len**2)
     if layout.pp > 1:  # torch pipelining allocates receive buffers for every micro-batch, in the param dtype
         modules = range(layout.vp)
         buffers = sum(int(i > 0 or not rank.first) + int(i < layout.vp - 1 or not rank.last) for i in modules)

@@ -181,11 +181,12 @@ def _assumptions(plan: Plan) -> list[str]:
         (
             f"  GEMMs and flash attention: max(FLOPs / ({peak} x {hw.matmul_efficiency:.2f} matmul efficiency), "
             f"bytes / {hw.hbm_bytes_per_s / 1e9:.0f} GB/s HBM), {compute}-byte operands; backward = 2 GEMMs per GEMM, "
-            "flash backward = 2.5 forwards, causal attention = half the s^2 FLOPs"
+            "flash backward = 2.5 forwards, causal attention = half the s^2 FLOPs, a sliding window its band "
+            "(flash-attn) or all s^2 (SDPA's mask)"
         ),
         (
-            "  element-wise ops (LayerNorm, RoPE, SwiGLU, residual adds, SDPA layout copies, loss) move their bytes at "
-            "HBM bandwidth; backward moves twice the forward's"
+            "  element-wise ops (norms, QK-norm, RoPE, SwiGLU, residual adds, SDPA layout copies, loss) move their "
+            "bytes at HBM bandwidth; backward moves twice the forward's"
         ),
         (
             f"  collectives: rings, N (g - 1) / g bytes per GPU (all-reduce twice), no latency term; intra-node "

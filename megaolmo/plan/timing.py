@@ -3,10 +3,12 @@
 Each GEMM takes max(FLOPs / (peak x matmul_efficiency), bytes / HBM bandwidth);
 backward runs two GEMMs (input and weight gradient) per forward GEMM.
 Attention is flash attention: causal, so half the s^2 FLOPs, at the same
-efficiency, and its backward costs 2.5 forwards (it recomputes the scores).
-Element-wise work (LayerNorm, RoPE, SwiGLU, residual adds, the layout copies
-around SDPA, the loss) moves its bytes at HBM bandwidth; its backward moves
-twice the forward's bytes. Recompute repeats forward work in backward.
+efficiency, and its backward costs 2.5 forwards (it recomputes the scores);
+an OLMo-3 sliding block computes only its window's band (flash-attn), or
+every pair under SDPA's mask. Element-wise work (norms, QK-norm, RoPE, SwiGLU,
+residual adds, the layout copies around SDPA, the loss) moves its bytes at HBM
+bandwidth; its backward moves twice the forward's bytes. Recompute repeats
+forward work in backward.
 TP collectives and pipeline sends are exposed (nothing overlaps them).
 FSDP's all-gathers overlap compute (prefetch) except the first block's of each
 pass, or whatever does not fit under the step's compute; reduce-scatters
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megaolmo.model.flops import attention_fraction
 from megaolmo.plan.comm import (
     Traffic,
     dp_gathers_per_step,
@@ -88,8 +91,31 @@ def _gemm(m: int, k: int, n: int, element: int, hw: Hardware) -> float:
     return 3 * max(flops / (hw.peak_flops * hw.matmul_efficiency), moved / hw.hbm_bytes_per_s)
 
 
-def _layer_forward(placement: Placement, hw: Hardware) -> tuple[float, float, float]:
-    """(GEMM forward + backward, attention forward, element-wise forward) seconds of one block."""
+def attention_forward(placement: Placement, hw: Hardware, window: int | None = None) -> float:
+    """Forward seconds of one block's attention core with this window (None: full causal).
+
+    Flash attention (SDPA's is_causal kernel, flash-attn with or without a window) skips the tiles no query
+    sees: the causal half of s^2, or the band of a window (megaolmo.model.flops.attention_fraction). SDPA
+    given a sliding window's boolean mask runs the memory-efficient kernel over every (query, key) pair
+    and reads the mask as an [s, s] bias.
+    """
+    work, layout, model = placement.work, placement.layout, placement.model
+    compute, _ = dtype_bytes(placement)
+    b, s, tp = layout.micro_batch_size, work.seq_len, layout.tp
+    q, kv = model.n_heads * model.head_dim // tp, model.kv_heads * model.head_dim // tp
+    causal_flops = 2 * b * s * s * q  # QK^T and PV, 2 s^2 hd FLOPs each per head, causal half
+    attention_bytes = s * b * (2 * q + 2 * kv) * compute
+    if window is None or window >= s:
+        flops = causal_flops
+    elif model.attention == "flash":
+        flops = causal_flops * attention_fraction(s, window)
+    else:
+        flops, attention_bytes = 2 * causal_flops, attention_bytes + s * s * compute
+    return max(flops / (hw.peak_flops * hw.matmul_efficiency), attention_bytes / hw.hbm_bytes_per_s)
+
+
+def _layer_forward(placement: Placement, hw: Hardware) -> tuple[float, float]:
+    """(GEMM forward + backward, element-wise forward) seconds of one block (attention: `attention_forward`)."""
     work, layout, model = placement.work, placement.layout, placement.model
     compute, residual = dtype_bytes(placement)
     tp, b, s, h = layout.tp, layout.micro_batch_size, work.seq_len, model.d_model
@@ -103,26 +129,46 @@ def _layer_forward(placement: Placement, hw: Hardware) -> tuple[float, float, fl
         + _gemm(tokens, h, 2 * ffn, compute, hw)
         + _gemm(tokens, ffn, h, compute, hw)
     )
-    attention_flops = 2 * b * s * s * q  # QK^T and PV, 2 s^2 hd FLOPs each per head, causal half
-    attention_bytes = tokens * (2 * q + 2 * kv) * compute
-    attention = max(attention_flops / (hw.peak_flops * hw.matmul_efficiency), attention_bytes / hw.hbm_bytes_per_s)
+    # OLMo-1's LayerNorms read the residual and write the normalized input; OLMo-2/3's RMSNorms read a
+    # sublayer's output and write its normalized copy for the residual add: the same bytes.
+    norm_input = compute if model.norm_after else residual
     elementwise_bytes = (
-        2 * rows * h * (residual + compute)  # two LayerNorms: read the residual, write the normalized input
+        2 * rows * h * (norm_input + compute)  # two norms: read, write
         + 2 * 3 * rows * h * residual  # two residual adds
         + 2 * tokens * (q + kv) * compute  # RoPE reads and writes q and k
         + 2 * tokens * (2 * q + 2 * kv) * compute  # q, k, v to [b, heads, s, hd] and the output back
         + 3 * tokens * ffn * compute  # SwiGLU reads [up | gate], writes the product
     )
-    return gemm, attention, elementwise_bytes / hw.hbm_bytes_per_s
+    if model.qk_norm:
+        elementwise_bytes += tokens * (q + kv) * _qk_norm_bytes_per_element(placement)
+    return gemm, elementwise_bytes / hw.hbm_bytes_per_s
+
+
+def _qk_norm_bytes_per_element(placement: Placement) -> int:
+    """HBM bytes QK-norm moves per element of q and k in forward. The kernel (one rank) reads and writes
+    once; under TP the norm is torch ops around an all-reduce: upcast (read, write fp32), square (read,
+    write), sum (read), scale (read, write), downcast (read fp32, write) and the weight (read, write)."""
+    compute, _ = dtype_bytes(placement)
+    if placement.layout.tp == 1 and placement.work.kernels == "triton":
+        return 2 * compute
+    upcast = compute + FP32 if compute != FP32 else 0
+    downcast = FP32 + compute if compute != FP32 else 0
+    return upcast + 2 * FP32 + FP32 + 2 * FP32 + downcast + 2 * compute
 
 
 def microbatch_time(placement: Placement, rank: PipelineRank, hw: Hardware) -> MicrobatchTime:
     """Forward and backward of one micro-batch through every stage module of this rank."""
     layout, work = placement.layout, placement.work
     compute, _ = dtype_bytes(placement)
-    gemm, attention, elementwise = _layer_forward(placement, hw)
+    gemm, elementwise = _layer_forward(placement, hw)
     layers = rank.layers
-    recompute = {"none": 0.0, "selective": attention, "full": gemm / 3 + attention + elementwise}
+    # Attention per block: OLMo-3's sliding blocks cost less than its full ones (or more, under SDPA's mask).
+    windows = [placement.model.attention_window(i) for i in placement.block_indices(rank)]
+    attention = sum(attention_forward(placement, hw, window) for window in windows)
+    per_layer = {"none": 0.0, "selective": 0.0, "full": gemm / 3 + elementwise}
+    recompute = layers * per_layer[layout.activation_checkpointing]
+    if layout.activation_checkpointing != "none":
+        recompute += attention
     total_gemm = layers * gemm
     total_elementwise = layers * 3 * elementwise  # forward, and a backward moving twice the bytes
     if rank.last:
@@ -133,9 +179,9 @@ def microbatch_time(placement: Placement, rank: PipelineRank, hw: Hardware) -> M
         total_elementwise += 3 * loss_bytes / hw.hbm_bytes_per_s
     return MicrobatchTime(
         gemm=total_gemm,
-        attention=layers * (1 + ATTENTION_BACKWARD) * attention,
+        attention=(1 + ATTENTION_BACKWARD) * attention,
         elementwise=total_elementwise,
-        recompute=layers * recompute[layout.activation_checkpointing],
+        recompute=recompute,
         tp=tp_bytes_per_microbatch(placement, rank) / hw.link_bytes_per_s(layout.tp),
         pp=pp_bytes_per_microbatch(placement) / hw.link_bytes_per_s(layout.tp * layout.dp * layout.pp),
     )
