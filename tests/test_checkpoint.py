@@ -102,8 +102,13 @@ def test_resume_on_other_layouts(dataset, straight: list[float], tp2_pp2_dp2_run
 
 OLMO3 = [
     "model.arch=olmo3", "model.sliding_window=8", "model.layer_norm_eps=1e-6", "model.rope_theta=500000",
-    "model.n_kv_heads=2", "model.weight_tying=false",
+    "model.n_kv_heads=2", "model.weight_tying=false", "trainer.eval_interval=3",
 ]  # fmt: skip
+
+
+def held_out(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [value for r in records for key, value in sorted(r.items()) if key.startswith("eval/")]
 
 
 def test_olmo3_resumes_resharded(dataset, tmp_path: Path) -> None:
@@ -119,6 +124,10 @@ def test_olmo3_resumes_resharded(dataset, tmp_path: Path) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-5 * b, (got, want)
+    evaluated, expected = held_out(run_dir), held_out(straight_dir)  # in-loop held-out metrics at steps 3 and 6
+    assert len(evaluated) == len(expected) > 0
+    for a, b in zip(evaluated, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (evaluated, expected)
     assert megaolmo.load(run_dir / "final").config.arch == "olmo3"
 
 
