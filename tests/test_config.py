@@ -120,7 +120,9 @@ def test_warmup_tokens_become_steps_at_resolve() -> None:
     with pytest.raises(ConfigError, match="not resolved into optim.warmup_steps yet"):
         learning_rate(optim, 0, 10_000)
     optim.warmup_steps = 2000
-    assert learning_rate(optim, 1000, 10_000) == pytest.approx(0.5)  # OLMo-2 warms up from 0
+    assert learning_rate(optim, 999, 10_000) == pytest.approx(0.5)  # OLMo-2 warms up from 0; its step 1000
+    assert learning_rate(optim, 0, 10_000) == pytest.approx(1 / 2000)  # the first step takes one increment
+    assert learning_rate(optim, 1999, 10_000) == pytest.approx(1.0)  # warm at OLMo's step 2000
 
 
 @pytest.mark.parametrize(

@@ -304,3 +304,14 @@ def test_windows_and_yarn_change_the_logits(case: str):
             other.load_state_dict(ours.state_dict())
             difference = (other.eval()(ids) - reference).abs().max().item()
             assert difference > 1e-2 * reference.abs().max().item(), config
+
+
+def test_to_hf_refuses_a_yarn_factor_transformers_4_would_read_otherwise() -> None:
+    """transformers 4.x takes YaRN's factor from max_position_embeddings / original: they must agree."""
+    from megaolmo.convert.hf import check_hf_expressible
+    from megaolmo.errors import ConversionError
+
+    yarn = {"rope_scaling": "yarn", "rope_scaling_factor": 8.0, "rope_original_max_position": 8192}
+    check_hf_expressible(ModelConfig(arch="olmo2", max_sequence_length=65536, **yarn), "src")
+    with pytest.raises(ConversionError, match="max_sequence_length=32768 is not rope_scaling_factor x"):
+        check_hf_expressible(ModelConfig(arch="olmo2", max_sequence_length=32768, **yarn), "src")

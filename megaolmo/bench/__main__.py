@@ -14,7 +14,9 @@ from megaolmo.errors import MegaolmoError, report
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megaolmo.bench")
     suites = parser.add_subparsers(dest="suite", required=True)
-    kernels_parser = suites.add_parser("kernels", help="fused RoPE, SwiGLU and LayerNorm against the alternatives")
+    kernels_parser = suites.add_parser(
+        "kernels", help="fused RoPE, SwiGLU, LayerNorm and RMSNorm against the alternatives"
+    )
     kernels = _kernels_module()
     kernels.add_arguments(kernels_parser)
     kernels_parser.set_defaults(run=kernels.run)

@@ -5,7 +5,7 @@ backward and the AdamW step of megaolmo with every linear backend this machine
 has (torch, torchao FP8, Transformer Engine FP8), and of Hugging Face's
 OlmoForCausalLM (Olmo2ForCausalLM or Olmo3ForCausalLM for the later
 generations) on the same weights and batch, in one run: tokens/s, model
-TFLOP/s (6N + 12 L d s FLOPs per token), MFU and peak memory. Under torchrun
+TFLOP/s (megaolmo.model.flops: 6N plus attention, windows counted), MFU and peak memory. Under torchrun
 it measures the layout given by --tp/--pp (no transformers column then).
 Where the device has no FP8 GEMM (CPU, GPUs below sm_89) torchao's FP8 is
 emulated, high-precision matmuls after the float8 casts: its row is named

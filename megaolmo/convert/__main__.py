@@ -24,7 +24,7 @@ import torch
 
 from megaolmo.checkpoint import open_tensors, save_consolidated, write_consolidated
 from megaolmo.convert.allenai_olmo import read_olmo_dir
-from megaolmo.convert.hf import check_hf_expressible, read_hf_dir, state_from_hf, write_hf_dir
+from megaolmo.convert.hf import read_hf_dir, state_from_hf, write_hf_dir
 from megaolmo.errors import MegaolmoError, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +46,6 @@ def from_hf(args: argparse.Namespace) -> None:
 
 def to_hf(args: argparse.Namespace) -> None:
     tensors = open_tensors(args.src)
-    check_hf_expressible(tensors.config, str(args.src))
     write_hf_dir(
         Path(args.dst),
         tensors.config,
@@ -54,6 +53,7 @@ def to_hf(args: argparse.Namespace) -> None:
         tensors.read,
         dtype=dtype_of(args),
         max_shard_bytes=int(args.max_shard_gb * 2**30),
+        source=str(args.src),
     )
 
 

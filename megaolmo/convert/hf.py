@@ -174,11 +174,20 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 def check_hf_expressible(config: ModelConfig, source: str) -> None:
     """Refuse a model that the generation's transformers class would compute differently: it has no clip_qkv
-    (OLMo-2/3) or no LayerNorm epsilon but 1e-5 (OLMo-1)."""
+    (OLMo-2/3), no LayerNorm epsilon but 1e-5 (OLMo-1), and transformers 4.x derives YaRN's factor from the
+    context lengths."""
     if config.arch != "olmo1" and config.clip_qkv is not None:
         raise ConversionError(
             f"{source}: model.clip_qkv={config.clip_qkv} cannot be converted; transformers' "
             f"{HF_CLASSES[config.arch]} does not clip q, k and v"
+        )
+    if config.rope_scaling is not None and config.max_sequence_length != round(
+        config.rope_scaling_factor * config.rope_original_max_position
+    ):
+        raise ConversionError(
+            f"{source}: model.max_sequence_length={config.max_sequence_length} is not rope_scaling_factor x "
+            f"rope_original_max_position ({config.rope_scaling_factor} x {config.rope_original_max_position}); "
+            "transformers 4.x takes YaRN's factor from their ratio, so set it to the product before converting"
         )
     if config.arch == "olmo1" and config.layer_norm_eps != 1e-5:
         raise ConversionError(
@@ -384,21 +393,24 @@ def write_hf_dir(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int,
+    source: str,
 ) -> None:
-    """A directory the generation's transformers class (`Olmo2ForCausalLM`, ...) loads, sharded with an index past `max_shard_bytes`.
+    """A directory the generation's transformers class (`Olmo2ForCausalLM`, ...) loads, sharded with an index
+    past `max_shard_bytes`; a model that class would compute differently is refused first (`source` names it).
 
     `specs` names the megaolmo tensors (validated against `config` before anything is written); each is
     read once with `read(name)`, cast to `dtype` when given, and dropped when the last of its transformers
     tensors is written. Those are stored in the model's order, a source's parts one after the other (q, k, v
     may still fall into two shards), so at most one megaolmo tensor is in memory at a time.
     """
+    check_hf_expressible(config, source)
     check_specs(config, specs, "tensors to convert")
-    source: dict[str, str] = {}  # transformers name -> the megaolmo tensor it is part of
+    owner: dict[str, str] = {}  # transformers name -> the megaolmo tensor it is part of
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name in expected_shapes(config):
         shape, saved = specs[name]
         for hf_name, part in hf_tensors(config, name, torch.empty(shape, dtype=dtype or saved, device="meta")):
-            source[hf_name] = name
+            owner[hf_name] = name
             layout[hf_name] = (tuple(part.shape), part.dtype)
     shards: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{}]
     shard_bytes = 0
@@ -414,7 +426,7 @@ def write_hf_dir(
 
     def read_part(hf_name: str) -> torch.Tensor:
         if hf_name not in parts:  # the parts before are all written: the previous tensor is free
-            name = source[hf_name]
+            name = owner[hf_name]
             parts.update(hf_tensors(config, name, read(name).to(layout[hf_name][1])))
         return parts.pop(hf_name)
 

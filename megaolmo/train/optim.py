@@ -36,6 +36,9 @@ def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
     """lr for optimizer step `step` (0-based): warmup from warmup_start x lr, then cosine, linear or constant
     down to alpha_f x lr at max_steps.
 
+    The schedule is evaluated at step + 1, as OLMo's trainer does (it counts the step before setting its lr):
+    the first step already takes one warmup increment, so a warmup from 0 (OLMo-2) does not waste it.
+
     A warmup given in tokens (optim.warmup_tokens) is turned into steps by megaolmo.config.resolve, which
     needs the batch; until then warmup_steps is null and there is no schedule to compute.
     """
@@ -45,6 +48,7 @@ def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
             f"optim.warmup_tokens={config.warmup_tokens} is not resolved into optim.warmup_steps yet; "
             "call megaolmo.config.resolve(config, world_size) first"
         )
+    step += 1  # OLMo's global step: 1 for the first optimizer step
     if step < warmup:
         return config.lr * (config.warmup_start + (1 - config.warmup_start) * step / warmup)
     if config.scheduler == "constant":
