@@ -47,13 +47,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
-    cos = cos[:, None, None, :]
-    sin = sin[:, None, None, :]
+    # [s, hd / 2]: one row per position, shared by the batch; [s, b, hd / 2]: one row per token.
+    cos = cos[:, None, None, :] if cos.dim() == 2 else cos[:, :, None, :]
+    sin = sin[:, None, None, :] if sin.dim() == 2 else sin[:, :, None, :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [s, b, heads, hd] and k [s, b, kv_heads, hd] by fp32 cos/sin [s, hd // 2] (rotate_half pairing)."""
+    """Rotate q [s, b, heads, hd] and k [s, b, kv_heads, hd] by fp32 cos/sin [s, hd // 2], or per token
+    [s, b, hd // 2] (positions that restart in each document), rotate_half pairing."""
     return _rotate(q, cos, sin), _rotate(k, cos, sin)

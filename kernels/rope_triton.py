@@ -4,6 +4,11 @@ One program rotates every head of q and of k at one (position, batch) pair,
 reading cos/sin for that position once. q and k may be strided views (the
 split of the fused qkv projection): no copy is made before the kernel. The
 backward is the same rotation by -sin.
+
+cos/sin are one [s, hd / 2] table the batch shares, or per-token [s, b, hd / 2]
+rows (intra-document attention: positions restart in each document). The
+shared table is read through a zero batch stride, so its path loads the very
+values it always did.
 """
 
 from __future__ import annotations
@@ -69,7 +74,9 @@ def _rope_kernel(
     ko_b,
     ko_h,
     cos_s,
+    cos_b,
     sin_s,
+    sin_b,
     SIGN: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -81,8 +88,8 @@ def _rope_kernel(
     b = pid % batch
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < HALF
-    cos = tl.load(COS + s * cos_s + dims, mask=dmask, other=0.0).to(tl.float32)
-    sin = SIGN * tl.load(SIN + s * sin_s + dims, mask=dmask, other=0.0).to(tl.float32)
+    cos = tl.load(COS + s * cos_s + b * cos_b + dims, mask=dmask, other=0.0).to(tl.float32)
+    sin = SIGN * tl.load(SIN + s * sin_s + b * sin_b + dims, mask=dmask, other=0.0).to(tl.float32)
     _rotate_heads(Q, Q_OUT, s, b, q_s, q_b, q_h, qo_s, qo_b, qo_h, n_q_heads, cos, sin, dims, dmask, HALF, BLOCK_HQ)
     _rotate_heads(K, K_OUT, s, b, k_s, k_b, k_h, ko_s, ko_b, ko_h, n_k_heads, cos, sin, dims, dmask, HALF, BLOCK_HK)
 
@@ -97,8 +104,13 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if k.shape[:2] != (seq, batch) or k.shape[3] != head_dim:
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ outside the head count")
     half = head_dim // 2
-    if head_dim % 2 or cos.shape != (seq, half) or sin.shape != (seq, half):
-        raise ValueError(f"apply_rope: cos/sin must be [seq, head_dim // 2] = [{seq}, {half}], got {tuple(cos.shape)}")
+    if head_dim % 2 or cos.shape not in ((seq, half), (seq, batch, half)) or sin.shape != cos.shape:
+        raise ValueError(
+            f"apply_rope: cos/sin must be [seq, head_dim // 2] = [{seq}, {half}] or per token "
+            f"[seq, batch, head_dim // 2] = [{seq}, {batch}, {half}], got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    if cos.dim() == 2:  # the table the batch shares: every (position, batch) program reads its position's row
+        cos, sin = cos[:, None].expand(seq, batch, half), sin[:, None].expand(seq, batch, half)
     q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -107,7 +119,8 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         num_warps = 4 if max(block_hq, block_hk) * half <= 2048 else 8
         _rope_kernel[(seq * batch,)](
             q, k, q_out, k_out, cos, sin, batch, n_q_heads, n_k_heads,
-            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
+            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+            *cos.stride()[:2], *sin.stride()[:2],
             SIGN=sign, HALF=half, BLOCK_D=triton.next_power_of_2(half),
             BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps,
         )  # fmt: skip
@@ -131,5 +144,6 @@ class _RoPE(torch.autograd.Function):
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [s, b, heads, hd] and k [s, b, kv_heads, hd] by fp32 cos/sin [s, hd // 2]; one launch for both."""
+    """Rotate q [s, b, heads, hd] and k [s, b, kv_heads, hd] by fp32 cos/sin [s, hd // 2] (or per token,
+    [s, b, hd // 2]); one launch for both."""
     return _RoPE.apply(q, k, cos, sin)

@@ -37,8 +37,11 @@ def atomic_directory(path: Path, error: type[Exception], overwrite: bool = False
     tmp.mkdir()
     try:
         yield tmp
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
+        for entry in tmp.rglob("*"):  # every file, and the entries of every subdirectory
+            if entry.is_dir():
+                fsync_dir(entry)
+                continue
+            with open(entry, "rb") as handle:
                 os.fsync(handle.fileno())
         if not overwrite:
             refuse_existing(path, error)  # someone may have written there meanwhile

@@ -20,6 +20,9 @@ from megaolmo.config import ModelConfig, ParallelConfig
 from megaolmo.model.engine import ParallelOLMo
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
+# Where the document-masking layouts' rows end documents (EOS, the models' eos_token_id 0): at the row's end,
+# first, twice in a row, nowhere, and a few documents shorter and longer than OLMo-3's window of 5.
+EOS_POSITIONS = [[3, 9, 15], [0, 6, 7], [4, 5, 11], [], [2, 13], [7], [1, 8, 10, 14], [15]]
 MODELS = {
     # vocab 1030 is not divisible by tp: the embedding pads to a multiple of 128 x tp.
     "tied": small_model(n_layers=4, vocab_size=1030, max_sequence_length=SEQ_LEN, weight_tying=True, kernels="torch"),
@@ -53,6 +56,7 @@ class Layout:
     parallel: dict = field(default_factory=dict)
     micro_batch_size: int = 1
     z_loss: float = 1e-3
+    document_masking: bool = False  # attention within the EOS-separated documents of global_batch(True)
 
     @property
     def world_size(self) -> int:
@@ -63,19 +67,29 @@ class Layout:
         return ParallelConfig(device="cpu", **self.parallel)
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and their next-token labels; with `documents`, EOS exactly at EOS_POSITIONS."""
     generator = torch.Generator().manual_seed(1234)
     input_ids = torch.randint(0, 1030, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
+    if documents:
+        eos = MODELS["tied"].eos_token_id
+        input_ids[input_ids == eos] = eos + 1
+        for row, positions in enumerate(EOS_POSITIONS):
+            input_ids[row, positions] = eos
     labels = torch.roll(input_ids, -1, dims=1)
     labels[:, -1] = -100  # no target for the last position
     return input_ids, labels
 
 
 def train(layout: Layout, config: ModelConfig) -> dict:
-    """STEPS AdamW steps on the global batch; losses, norms, first-step gradients and final parameters."""
-    model = ParallelOLMo(config, layout.parallel_config(), seed=7, z_loss_multiplier=layout.z_loss)
+    """STEPS AdamW steps on the global batch; losses, norms, first-step gradients and final parameters (with
+    document masking, the summed loss of an evaluation after them too)."""
+    model = ParallelOLMo(
+        config, layout.parallel_config(), seed=7, z_loss_multiplier=layout.z_loss,
+        document_masking=layout.document_masking,
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    input_ids, labels = global_batch()
+    input_ids, labels = global_batch(layout.document_masking)
     share = GLOBAL_BATCH // model.mesh.dp
     rows = slice(model.mesh.dp_rank * share, (model.mesh.dp_rank + 1) * share)
     record: dict = {"ce": [], "z": [], "grad_norm": []}
@@ -88,6 +102,8 @@ def train(layout: Layout, config: ModelConfig) -> dict:
         optimizer.step()
         record["ce"].append(losses.ce)
         record["z"].append(losses.z)
+    if layout.document_masking:  # evaluation masks the documents too (row_losses under every layout's schedule)
+        record["eval_nll"] = model.evaluate(input_ids[rows], labels[rows], layout.micro_batch_size)[0]
     record["params"] = model.full_tensors()
     record["padded_vocab"] = model.config.padded_vocab_size
     return record
@@ -96,7 +112,8 @@ def train(layout: Layout, config: ModelConfig) -> dict:
 def reference(layout: Layout) -> dict:
     """The same training in this process, with no process group, at the layout's padded vocabulary."""
     config = resolved_model(MODELS[layout.model], layout.parallel_config(), layout.world_size)
-    return train(Layout("single", layout.model, {}, micro_batch_size=GLOBAL_BATCH, z_loss=layout.z_loss), config)
+    single = Layout("single", layout.model, {}, GLOBAL_BATCH, layout.z_loss, layout.document_masking)
+    return train(single, config)
 
 
 def run_layouts(rank: int, n_procs: int, layouts: list[dict], out_dir: str) -> None:

@@ -297,7 +297,7 @@ def test_olmo_memmaps_read_unchanged(tmp_path: Path) -> None:
     for i, instance in enumerate(expected):
         assert dataset[i].dtype == torch.int64 and dataset[i].tolist() == instance.tolist()
     assert dataset.bytes_per_token is None  # no metadata: bits per byte cannot be computed
-    batch = dataset.get_batch(np.array([6, 0, 4]))
+    batch = dataset.get_batch(np.array([6, 0, 4])).input_ids
     assert batch.shape == (3, 8) and batch.dtype == torch.int64
     assert batch.tolist() == [expected[6].tolist(), expected[0].tolist(), expected[4].tolist()]
     with pytest.raises(IndexError):
@@ -351,8 +351,8 @@ def test_batches_follow_the_global_order(dataset: MemmapDataset) -> None:
     order = global_order(103, 17, 0)
     for step in (0, 5, 11):
         expected = order[step * 8 : (step + 1) * 8]
-        assert batches.batch(step)[:, 0].tolist() == (expected * 4).tolist()
-    seen = torch.cat([batches.batch(s) for s in range(12)])[:, 0] // 4
+        assert batches.batch(step).input_ids[:, 0].tolist() == (expected * 4).tolist()
+    seen = torch.cat([batches.batch(s).input_ids for s in range(12)])[:, 0] // 4
     assert len(set(seen.tolist())) == 96  # no instance twice within an epoch
 
 
@@ -362,7 +362,8 @@ def test_epoch_rollover(dataset: MemmapDataset) -> None:
         order = global_order(103, 17, epoch)
         for position in (0, 11):
             step = epoch * 12 + position
-            assert batches.batch(step)[:, 0].tolist() == (order[position * 8 : (position + 1) * 8] * 4).tolist()
+            expected = order[position * 8 : (position + 1) * 8] * 4
+            assert batches.batch(step).input_ids[:, 0].tolist() == expected.tolist()
     assert batches.step == 36 and batches.epoch == 3  # the next step to train opens epoch 3
 
 
@@ -370,16 +371,16 @@ def test_epoch_rollover(dataset: MemmapDataset) -> None:
 def test_batches_do_not_depend_on_dp(dataset: MemmapDataset, dp: int) -> None:
     batches = GlobalBatches(dataset, global_batch_size=8, seed=3)
     for step in (0, 7, 13):
-        whole = batches.batch(step)
-        shares = [GlobalBatches.dp_share(whole, r, dp) for r in range(dp)]
+        whole = batches.batch(step).input_ids
+        shares = [GlobalBatches.dp_share(batches.batch(step), r, dp).input_ids for r in range(dp)]
         assert torch.equal(torch.cat(shares), whole)
         for rank in range(dp):  # reading only a rank's rows gives the same rows
-            assert torch.equal(batches.batch(step, dp_rank=rank, dp=dp), shares[rank])
+            assert torch.equal(batches.batch(step, dp_rank=rank, dp=dp).input_ids, shares[rank])
 
 
 def test_resume_mid_epoch(dataset: MemmapDataset) -> None:
     run = GlobalBatches(dataset, global_batch_size=8, seed=5)
-    reference = [run.batch(step) for step in range(20)]  # crosses into epoch 1
+    reference = [run.batch(step).input_ids for step in range(20)]  # crosses into epoch 1
     interrupted = GlobalBatches(dataset, global_batch_size=8, seed=5)
     for step in range(7):
         interrupted.batch(step)
@@ -389,7 +390,7 @@ def test_resume_mid_epoch(dataset: MemmapDataset) -> None:
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     assert resumed.step == 7
     for step in range(7, 20):
-        assert torch.equal(resumed.next_batch(), reference[step])
+        assert torch.equal(resumed.next_batch().input_ids, reference[step])
     assert resumed.state_dict()["samples_seen"] == 20 * 8
 
 
@@ -431,10 +432,10 @@ def test_batches_from_order_files_match_memory(dataset: MemmapDataset, tmp_path:
     assert on_disk.epoch_of(11) == 0 and on_disk.epoch_of(12) == 1
     assert on_disk.prepare_order(0) == order_dir / "order-n103-seed5-epoch0.u32"
     assert in_memory.prepare_order(0) is None  # nothing to prepare for an in-memory order
-    reference = [in_memory.batch(step) for step in range(30)]  # crosses into epochs 1 and 2
+    reference = [in_memory.batch(step).input_ids for step in range(30)]  # crosses into epochs 1 and 2
     for step in range(30):
         assert np.array_equal(on_disk.indices(step), in_memory.indices(step))
-        assert torch.equal(on_disk.batch(step), reference[step])
+        assert torch.equal(on_disk.batch(step).input_ids, reference[step])
     assert sorted(p.name for p in order_dir.iterdir()) == [f"order-n103-seed5-epoch{e}.u32" for e in range(3)]
     built = (order_dir / "order-n103-seed5-epoch1.u32").stat().st_mtime_ns
     on_disk.prepare_order(1)  # already there: not built again
@@ -447,7 +448,7 @@ def test_batches_from_order_files_match_memory(dataset: MemmapDataset, tmp_path:
     resumed = GlobalBatches(dataset, global_batch_size=8, seed=5, order_dir=order_dir)
     resumed.load_state_dict(json.loads(json.dumps(state.state_dict())))
     for step in range(17, 30):
-        assert torch.equal(resumed.next_batch(), reference[step])
+        assert torch.equal(resumed.next_batch().input_ids, reference[step])
 
 
 def test_damaged_order_file_is_refused(dataset: MemmapDataset, tmp_path: Path) -> None:

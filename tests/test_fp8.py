@@ -41,7 +41,7 @@ def train_losses(dataset, linear: str, steps: int) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(optim, step, steps)
         optimizer.zero_grad()
-        batch = batches.batch(step)
+        batch = batches.batch(step).input_ids
         labels = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], dim=1)
         losses.append(model.forward_backward(batch, labels, micro_batch_size=4).ce)
         model.clip_grad_norm_(1.0)

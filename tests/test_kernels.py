@@ -161,6 +161,39 @@ def test_rope(dtype: torch.dtype) -> None:
     check_op("rope", [q, k], rope_runner(cos, sin), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_per_token(dtype: torch.dtype, bf16_rounds_to_nearest: None) -> None:
+    """cos/sin per token [s, b, hd / 2], as intra-document attention gives them: positions restarting in each
+    document, other documents in each row."""
+    torch.manual_seed(0)
+    q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, device=DEVICE).to(dtype)
+    k = torch.randn(SEQ, BATCH, KV_HEADS, HEAD_DIM, device=DEVICE).to(dtype)
+    positions = torch.stack([torch.arange(SEQ) % 11, torch.arange(SEQ) % 5], dim=1)  # documents of 11, of 5
+    cos, sin = reference.rope_cos_sin(positions.flatten().to(DEVICE), HEAD_DIM, 10000.0)
+    per_token = cos.view(SEQ, BATCH, -1), sin.view(SEQ, BATCH, -1)
+    check_op("rope per token", [q, k], rope_runner(*per_token), dtype)
+
+
+def test_rope_shared_table_is_its_rows_per_token_bit_for_bit() -> None:
+    """The [s, hd / 2] table the batch shares and the same rows given per token rotate to the same bits, forward
+    and backward, in the kernel and in the reference; a table of another shape is refused."""
+    torch.manual_seed(0)
+    q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, device=DEVICE, requires_grad=True)
+    k = torch.randn(SEQ, BATCH, KV_HEADS, HEAD_DIM, device=DEVICE, requires_grad=True)
+    shared = reference.rope_cos_sin(torch.arange(SEQ, device=DEVICE) + 5, HEAD_DIM, 10000.0)
+    per_token = [t[:, None].expand(SEQ, BATCH, -1).contiguous() for t in shared]
+    grads = [torch.randn_like(q), torch.randn_like(k)]
+    for ops in (fused, reference):
+        results = []
+        for cos, sin in (shared, per_token):
+            out = ops.apply_rope(q, k, cos, sin)
+            results.append((*out, *torch.autograd.grad(out, (q, k), grads)))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), ops.__name__
+    with pytest.raises(ValueError, match="or per token"):
+        fused.apply_rope(q, k, per_token[0][:, :1], per_token[1][:, :1])
+
+
 def test_non_contiguous_inputs() -> None:
     """Strided views (the qkv split, a transposed activation, a stepped slice) give the contiguous result."""
     torch.manual_seed(0)

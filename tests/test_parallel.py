@@ -1,7 +1,8 @@
 """Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32).
 
 Each layout trains an OLMo-1 model and, as its `_olmo3` twin, an OLMo-3 one (OLMo-2's block with QK-norm, sliding
-windows and YaRN); the sequence-parallel layouts an OLMo-2 one with a tied embedding besides.
+windows and YaRN); the sequence-parallel layouts an OLMo-2 one with a tied embedding besides. The `docs_` layouts
+train with document masking on rows of several EOS-separated documents, against one process masking them too.
 """
 
 from __future__ import annotations
@@ -43,7 +44,19 @@ def _layouts() -> list[Layout]:
         Layout("tp2_sp_pp2_selective_ckpt", "tied", {"tp": 2, "pp": 2, "sequence_parallel": True,
                                                       "activation_checkpointing": "selective"}),
     ]  # fmt: skip
-    layouts += extra
+    # Document masking: the masks are per full sequence under SP, the documents reach every pipeline stage
+    # (1F1B, interleaved) with its micro-batch, and recomputes (full, selective) see their micro-batch's.
+    documents = [
+        Layout("docs_tp2_sp", "tied", {"tp": 2, "sequence_parallel": True}, 2),
+        Layout("docs_pp2_1f1b", "untied_gqa", {"pp": 2}, 2),
+        Layout("docs_tp2_pp2_dp2_sp", "tied", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True}),
+        Layout("docs_pp2_vp2_dp2_interleaved", "untied_gqa", {"pp": 2, "dp": 2, "vp": 2,
+                                                              "pp_schedule": "interleaved_1f1b"}),
+        Layout("docs_tp2_dp2_full_ckpt", "tied", {"tp": 2, "dp": 2, "activation_checkpointing": "full"}, 2),
+        Layout("docs_tp2_sp_pp2_selective_ckpt", "untied_gqa", {"tp": 2, "pp": 2, "sequence_parallel": True,
+                                                                "activation_checkpointing": "selective"}),
+    ]  # fmt: skip
+    layouts += extra + [dataclasses.replace(layout, document_masking=True) for layout in documents]
     twins = [dataclasses.replace(layout, name=f"{layout.name}_olmo3", model="olmo3") for layout in layouts]
     olmo2 = [
         dataclasses.replace(layout, name=f"{layout.name}_olmo2", model="olmo2_tied")
@@ -78,7 +91,7 @@ _references: dict[tuple, dict] = {}
 
 
 def reference_for(layout: Layout) -> dict:
-    key = (layout.model, layout.parallel.get("tp", 1))  # the padded vocabulary depends on tp
+    key = (layout.model, layout.parallel.get("tp", 1), layout.document_masking)  # the padded vocab depends on tp
     if key not in _references:
         _references[key] = reference(layout)
     return _references[key]
@@ -99,6 +112,8 @@ def test_layout_matches_one_process(layout: Layout, matrix: Callable[[Layout], P
         for key in ("ce", "z", "grad_norm"):
             for got, want in zip(result[key], expected[key]):
                 assert abs(got - want) <= 1e-5 * abs(want), (key, result[key], expected[key])
+        if "eval_nll" in expected:
+            assert abs(result["eval_nll"] - expected["eval_nll"]) <= 1e-5 * expected["eval_nll"]
     seen = set()
     for result in results:
         for name, grad in result["grads"].items():

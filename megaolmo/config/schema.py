@@ -9,6 +9,7 @@ Checks across fields and against the launched ranks live in resolve.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ class ModelConfig:
     yarn_attention_factor: float | None = None  # YaRN: cos/sin scale; None is 0.1 ln(factor) + 1
     init_fn: str = "auto"  # mitchell (OLMo-1) | normal (OLMo-2/3: every weight N(0, init_std) cut at 3 std) | auto
     init_std: float = 0.02  # std of init_fn=normal
-    eos_token_id: int = 0  # end-of-document token appended after every document (OLMo's tokenizer: 50279)
+    eos_token_id: int = (
+        0  # end-of-document token appended after every document (OLMo-1's tokenizer: 50279; dolma2: 100257)
+    )
     pad_token_id: int = 1  # padding token (never trained on)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
     linear: str = "torch"  # the local GEMM of every block linear: torch | torchao (FP8) | te (Transformer Engine FP8)
@@ -259,7 +262,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree (stages on different ranks)
     dp: int | None = None  # data-parallel degree; None infers world_size // (tp * pp)
     vp: int = 1  # virtual pipeline stages per pipeline rank (interleaved schedules)
-    sequence_parallel: bool = False  # split LayerNorm regions along the sequence across the TP group
+    sequence_parallel: bool = False  # split the norm regions along the sequence across the TP group
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b (with vp > 1) | gpipe
     pp_layer_split: list[int] | None = None  # blocks per stage (pp * vp entries); None splits evenly
     reshard_after_forward: bool = True  # FSDP: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
@@ -328,6 +331,61 @@ class OptimConfig:
 
 
 @dataclass
+class InstanceFilterConfig:
+    """OLMo's repetition filter (its InstanceFilterConfig, same defaults): an instance in which a pattern of
+    min_period..max_period tokens repeats max_count times in a row trains on none of its targets."""
+
+    enabled: bool = False  # OLMo's instance_filter is off (None) unless configured
+    repetition_max_period: int = 13  # longest pattern (in tokens) searched for
+    repetition_min_period: int = 1  # shortest pattern searched for
+    repetition_max_count: int = 32  # repeats in a row that drop the instance
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.repetition_min_period, int) or self.repetition_min_period < 1:
+            raise ConfigError(
+                f"data.instance_filter.repetition_min_period={self.repetition_min_period!r} must be at least 1"
+            )
+        if not isinstance(self.repetition_max_period, int) or self.repetition_max_period < self.repetition_min_period:
+            raise ConfigError(
+                f"data.instance_filter.repetition_max_period={self.repetition_max_period!r} must be an integer "
+                f">= data.instance_filter.repetition_min_period={self.repetition_min_period}"
+            )
+        if not isinstance(self.repetition_max_count, int) or self.repetition_max_count < 1:
+            raise ConfigError(
+                f"data.instance_filter.repetition_max_count={self.repetition_max_count!r} must be at least 1"
+            )
+
+
+@dataclass
+class DataSourceConfig:
+    """One source of a mixture (`data.sources`, megaolmo.data.mixture): its memmaps and its share of the run."""
+
+    name: str = ""  # names the source in errors, the start-up table and tokens/<name>; letters, digits, _ . -
+    paths: list[str] = field(default_factory=list)  # its prepared token memmaps (files or directories)
+    target_ratio: float = 0.0  # fraction of the run's tokens read from this source; the sources' ratios sum to 1
+    max_repetition: float = 1.0  # at most this many passes over the source's instances (1: none read twice)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(self.name)):
+            raise ConfigError(
+                f"data.sources: name {self.name!r} must be non-empty letters, digits, '_', '.' or '-' "
+                "(it names the source in metrics)"
+            )
+        if not self.paths:
+            raise ConfigError(f"data.sources[{self.name}] has no paths; give its prepared memmaps (files or dirs)")
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ConfigError(
+                f"data.sources[{self.name}].target_ratio={self.target_ratio} must be in (0, 1]; "
+                "drop a source the run reads nothing from"
+            )
+        if not self.max_repetition >= 1.0:
+            raise ConfigError(
+                f"data.sources[{self.name}].max_repetition={self.max_repetition} must be >= 1 "
+                "(1: no instance read twice)"
+            )
+
+
+@dataclass
 class DataConfig:
     """Token memmaps to train on; with no paths, the built-in corpus (the Python standard library)."""
 
@@ -337,6 +395,10 @@ class DataConfig:
     dtype: str | None = None  # memmap dtype for files without metadata.json (OLMo's own: uint16)
     builtin_vocab_size: int = 4096  # vocabulary of the built-in corpus's BPE tokenizer
     cache_dir: str | None = None  # where the built-in corpus is prepared (default ~/.cache/megaolmo)
+    label_mask_paths: list[str] = field(default_factory=list)  # np.bool_ masks (True: a target), one per token file
+    instance_filter: InstanceFilterConfig = field(default_factory=InstanceFilterConfig)  # OLMo's repetition filter
+    sources: list[DataSourceConfig] = field(default_factory=list)  # a mixture instead of paths (data/mixture.py)
+    document_masking: bool = False  # attend within each EOS-ended document of an instance; RoPE restarts in each
 
 
 @dataclass

@@ -6,25 +6,34 @@ the instances of all files are concatenated in path order, and epoch e visits th
 `PCG64(seed + e).permutation(n)`. Unlike OLMo, which strides that order by rank, a global batch is
 a contiguous slice of it and each data-parallel rank takes a contiguous block of rows, so the data
 seen at every step is the same whatever the TP/PP/DP layout, and a run can resume on another one.
+
+Beside the tokens, OLMo's data controls: label masks (`label_mask_paths`, one np.bool_ memmap per
+token file, read with the same slices: True where a token is a training target) and an instance
+filter (megaolmo.data.filter, applied by GlobalBatches to any dataset, a mixture too), which masks out
+every target of the instances it drops. A batch is a `Batch`: token ids, and the masks the data has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megaolmo.data.batch import Batch
+from megaolmo.data.filter import RepetitionFilter
 from megaolmo.data.metadata import METADATA_FILE, read_metadata
 from megaolmo.data.order import build_order, open_order, order_path
 from megaolmo.data.tokenizer import tokenizer_fingerprint as fingerprint_of
 from megaolmo.errors import DataError
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+NPY_MAGIC = b"\x93NUMPY"  # what np.save writes first: a header that raw memmaps do not have
 
 
-def _token_files(paths: Sequence[str | Path]) -> list[Path]:
+def _memmap_files(paths: Sequence[str | Path], what: str = "token") -> list[Path]:
     """Memmap files in order; a directory stands for its `*.npy` files, sorted."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -34,15 +43,47 @@ def _token_files(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(path.glob("*.npy"))
             if not found:
-                raise DataError(f"{path}: no token files (*.npy) in this directory; prepare the data first")
+                raise DataError(f"{path}: no {what} files (*.npy) in this directory; prepare the data first")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise DataError(f"token file {path} does not exist; check the data paths")
+            raise DataError(f"{what} file {path} does not exist; check the data paths")
     if not files:
-        raise DataError("no token files given; pass at least one memmap path")
+        raise DataError(f"no {what} files given; pass at least one memmap path")
     return files
+
+
+def _label_mask_files(label_mask_paths: Sequence[str | Path], token_files: list[Path], tokens: list[int]) -> list[Path]:
+    """The label mask of each token file, checked: mask i goes with token file i (OLMo's pairing), both
+    lists expanded the same way, and holds one np.bool_ (one byte) per token of it."""
+    masks = _memmap_files(label_mask_paths, "label mask")
+    if len(masks) != len(token_files):
+        raise DataError(
+            f"{len(masks)} label mask files for {len(token_files)} token files; give one mask per token file, in "
+            f"the same order (a directory stands for its *.npy files, sorted: e.g. DIR/label_masks for DIR)"
+        )
+    for mask, path, n_tokens in zip(masks, token_files, tokens):
+        size = mask.stat().st_size
+        if size == n_tokens:
+            continue
+        with open(mask, "rb") as f:
+            if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
+                raise DataError(
+                    f"label mask {mask} is an .npy file with a header (np.save); label masks are raw np.bool_ "
+                    "memmaps: write them with mask.astype(np.bool_).tofile(path)"
+                )
+        per_token = size // n_tokens if n_tokens and size % n_tokens == 0 else None
+        if per_token in (2, 4, 8):
+            raise DataError(
+                f"label mask {mask} has {per_token} bytes per token of {path} ({n_tokens} tokens): a label mask is "
+                "np.bool_, one byte per token; write it with mask.astype(np.bool_).tofile(path)"
+            )
+        raise DataError(
+            f"label mask {mask} has {size} entries but its token file {path} has {n_tokens} tokens; "
+            "each mask needs one np.bool_ per token of the token file at its position"
+        )
+    return masks
 
 
 def _file_dtype(path: Path, dtype: np.dtype | str | None, metadata: dict | None) -> np.dtype:
@@ -69,13 +110,21 @@ def _file_dtype(path: Path, dtype: np.dtype | str | None, metadata: dict | None)
 
 
 class MemmapDataset:
-    """Fixed-length instances over raw token memmaps (OLMo's layout); items are int64 tensors [seq_len]."""
+    """Fixed-length instances over raw token memmaps (OLMo's layout); items are int64 tensors [seq_len],
+    batches `Batch`es, with the label masks of `label_mask_paths` when given."""
 
-    def __init__(self, paths: Sequence[str | Path], seq_len: int, dtype: np.dtype | str | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        seq_len: int,
+        dtype: np.dtype | str | None = None,
+        *,
+        label_mask_paths: Sequence[str | Path] = (),
+    ) -> None:
         if not isinstance(seq_len, int) or seq_len < 1:
             raise DataError(f"seq_len={seq_len!r} must be a positive integer")
         self.seq_len = seq_len
-        self.paths = _token_files(paths)
+        self.paths = _memmap_files(paths)
         metadata: dict[Path, dict | None] = {}
         self.dtypes: list[np.dtype] = []
         tokens: list[int] = []
@@ -107,38 +156,45 @@ class MemmapDataset:
         self.bytes_per_token: float | None = sum(text_bytes) / sum(tokens) if known else None
         self.instances_per_file = [n // seq_len for n in tokens]
         self._starts = np.concatenate([[0], np.cumsum(self.instances_per_file)]).astype(np.int64)
-        self._maps: list[np.memmap | None] = [None] * len(self.paths)
+        self.label_mask_paths = _label_mask_files(label_mask_paths, self.paths, tokens) if label_mask_paths else None
+        self._maps: dict[Path, np.memmap] = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def __getstate__(self) -> dict:
         """Pickle without the open memmaps (DataLoader workers reopen them)."""
-        return {**self.__dict__, "_maps": [None] * len(self.paths)}
+        return {**self.__dict__, "_maps": {}}
 
-    def _memmap(self, f: int) -> np.memmap:
-        if self._maps[f] is None:
-            self._maps[f] = np.memmap(self.paths[f], dtype=self.dtypes[f], mode="r")
-        return self._maps[f]
+    def _memmap(self, path: Path, dtype: np.dtype) -> np.memmap:
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=dtype, mode="r")
+        return self._maps[path]
 
-    def _instance(self, index: int) -> np.ndarray:
-        """Instance `index` (global) as a numpy array of the file's dtype."""
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(file, first token) of instance `index` (global)."""
         if not 0 <= index < len(self):
             raise IndexError(f"instance {index} out of range for a dataset of {len(self)} instances")
         f = int(np.searchsorted(self._starts, index, side="right")) - 1
-        start = (index - int(self._starts[f])) * self.seq_len
-        return self._memmap(f)[start : start + self.seq_len]
+        return f, (index - int(self._starts[f])) * self.seq_len
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self._instance(int(index)).astype(np.int64))
+        f, start = self._locate(int(index))
+        tokens = self._memmap(self.paths[f], self.dtypes[f])[start : start + self.seq_len]
+        return torch.from_numpy(tokens.astype(np.int64))
 
-    def get_batch(self, indices: np.ndarray | Sequence[int]) -> torch.Tensor:
-        """Instances `indices` stacked into an int64 tensor [len(indices), seq_len]."""
+    def get_batch(self, indices: np.ndarray | Sequence[int]) -> Batch:
+        """Instances `indices` as a Batch: int64 token ids [len(indices), seq_len] and, with label_mask_paths,
+        their label masks."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        tokens = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        masks = None if self.label_mask_paths is None else np.empty(tokens.shape, dtype=np.bool_)
         for row, index in enumerate(indices):
-            out[row] = self._instance(int(index))
-        return torch.from_numpy(out)
+            f, start = self._locate(int(index))
+            tokens[row] = self._memmap(self.paths[f], self.dtypes[f])[start : start + self.seq_len]
+            if masks is not None:
+                masks[row] = self._memmap(self.label_mask_paths[f], np.dtype(np.bool_))[start : start + self.seq_len]
+        return Batch(torch.from_numpy(tokens), label_mask=None if masks is None else torch.from_numpy(masks))
 
 
 def global_order(n_instances: int, seed: int, epoch: int) -> np.ndarray:
@@ -154,11 +210,18 @@ class GlobalBatches:
     in samples (global units), so a run resumed on another data-parallel size continues exactly.
     With `order_dir`, each epoch's order is read from a memory-mapped file there (megaolmo.data.order)
     instead of a whole permutation in every rank's memory: the same order, 12 GB fewer per rank at
-    1.5 B instances.
+    1.5 B instances. With `instance_filter`, a batch's `instance_mask` says which of its rows the filter
+    keeps: a function of each row's tokens, so the same on every layout and after a resume.
     """
 
     def __init__(
-        self, dataset: MemmapDataset, global_batch_size: int, seed: int, *, order_dir: Path | None = None
+        self,
+        dataset: MemmapDataset,
+        global_batch_size: int,
+        seed: int,
+        *,
+        order_dir: Path | None = None,
+        instance_filter: RepetitionFilter | None = None,
     ) -> None:
         if not isinstance(global_batch_size, int) or global_batch_size < 1:
             raise DataError(f"global_batch_size={global_batch_size!r} must be a positive integer")
@@ -172,6 +235,7 @@ class GlobalBatches:
                 f"{global_batch_size}; add data or shrink the batch or the sequence length"
             )
         self.order_dir = None if order_dir is None else Path(order_dir)
+        self.instance_filter = instance_filter
         self.samples_seen = 0
         self._epoch: int | None = None
         self._order: np.ndarray | None = None
@@ -215,24 +279,27 @@ class GlobalBatches:
         size = self.global_batch_size
         return self._order[position * size : (position + 1) * size].astype(np.int64)
 
-    def batch(self, step: int, dp_rank: int = 0, dp: int = 1) -> torch.Tensor:
-        """Global batch `step` as int64 [B, L]; with dp > 1, only rows of `dp_share` (and only those are read).
+    def batch(self, step: int, dp_rank: int = 0, dp: int = 1) -> Batch:
+        """Global batch `step` [B, L]; with dp > 1, only rows of `dp_share` (and only those are read).
 
         Records `step + 1` batches as seen, so `state_dict()` after training step s resumes at s + 1.
         """
         rows = dp_rows(self.global_batch_size, dp_rank, dp)
-        tokens = self.dataset.get_batch(self.indices(step)[rows])
+        batch = self.dataset.get_batch(self.indices(step)[rows])
+        if self.instance_filter is not None:
+            keep = self.instance_filter.keep(batch.input_ids.numpy())
+            batch = dataclasses.replace(batch, instance_mask=torch.from_numpy(keep))
         self.samples_seen = (step + 1) * self.global_batch_size
-        return tokens
+        return batch
 
-    def next_batch(self, dp_rank: int = 0, dp: int = 1) -> torch.Tensor:
+    def next_batch(self, dp_rank: int = 0, dp: int = 1) -> Batch:
         """The batch after the last one seen (the step recorded in the state)."""
         return self.batch(self.step, dp_rank, dp)
 
     @staticmethod
-    def dp_share(batch: torch.Tensor, dp_rank: int, dp: int) -> torch.Tensor:
+    def dp_share(batch: Batch, dp_rank: int, dp: int) -> Batch:
         """Rows [r*B/dp, (r+1)*B/dp) of a global batch: data-parallel rank r's contiguous share."""
-        return batch[dp_rows(batch.shape[0], dp_rank, dp)]
+        return batch.rows(dp_rows(len(batch), dp_rank, dp))
 
     def state_dict(self) -> dict[str, int]:
         return {"samples_seen": self.samples_seen, "seed": self.seed, "global_batch_size": self.global_batch_size}

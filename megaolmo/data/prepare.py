@@ -1,7 +1,7 @@
-"""Tokenize Dolma documents into OLMo-format token memmaps.
+"""Tokenize Dolma documents (or, with --chat, instruction data) into OLMo-format token memmaps.
 
     python -m megaolmo.data.prepare INPUT... --out DIR (--tokenizer TOKENIZER.json | --train-tokenizer VOCAB)
-                                    [--workers N] [--no-progress]
+                                    [--chat] [--workers N] [--no-progress]
 
 Every input file becomes `<out>/<input stem>.npy`: raw token ids (no header, despite the suffix),
 uint16 when the vocab fits, else uint32; each document tokenized without BOS and followed by EOS,
@@ -11,6 +11,10 @@ the tokens, documents and UTF-8 bytes (bits per byte needs the bytes); the token
 `<out>/tokenizer.json`. Memory stays constant: documents are tokenized in batches and appended.
 Special-token strings inside a document are tokenized as plain text (OLMo's own script would turn
 a literal `<|endoftext|>` into EOS), so EOS ids mark document ends and nothing else.
+With --chat the inputs are instruction JSONL files (megaolmo.data.chat): each conversation is rendered
+with open-instruct's tulu template and packed the same way, and a label mask per token file
+(`<out>/label_masks/<name>.npy`, np.bool_, True on the assistant turns) is written beside it; the
+metadata records it (`label_masks`, and the targets per file).
 A bad input stops with one `error:` line, exit code 2, and no output directory.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from megaolmo.atomic import atomic_directory, refuse_existing
+from megaolmo.data.chat import LABEL_MASK_DIR, tokenize_chat_file
 from megaolmo.data.dolma import dolma_files, dolma_stem, iter_documents
 from megaolmo.data.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, token_dtype
 from megaolmo.data.tokenizer import load_tokenizer, tokenizer_summary, train_bpe_tokenizer
@@ -116,7 +121,13 @@ def _progress_bar(progress: bool, **kwargs):
 
 
 def _tokenize_all(
-    jobs: list[tuple[Path, Path]], tokenizer: Path, dtype: str, eos: int, workers: int, progress: bool
+    jobs: list[tuple[Path, Path]],
+    tokenize: Callable[..., dict],  # tokenize_file or chat.tokenize_chat_file
+    tokenizer: Path,
+    dtype: str,
+    eos: int,
+    workers: int,
+    progress: bool,
 ) -> list[dict]:
     """Tokenize every (input, output) pair, serially or over a process pool; results in input order."""
     tokens = 0
@@ -130,14 +141,14 @@ def _tokenize_all(
             bar.set_postfix(tokens=tokens)
 
         try:
-            return [tokenize_file(src, dst, tokenizer, dtype, eos, on_batch) for src, dst in jobs]
+            return [tokenize(src, dst, tokenizer, dtype, eos, on_batch) for src, dst in jobs]
         finally:
             bar.close()
     # spawn, not fork: a forked child of a process that already ran tokenizers' thread pool runs single-threaded
     context = multiprocessing.get_context("spawn")
     bar = _progress_bar(progress, desc="tokenizing", unit="file", total=len(jobs))
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(tokenize_file, src, dst, tokenizer, dtype, eos) for src, dst in jobs]
+        futures = [pool.submit(tokenize, src, dst, tokenizer, dtype, eos) for src, dst in jobs]
         try:
             pending = set(futures)
             while pending:
@@ -161,17 +172,23 @@ def prepare(
     *,
     tokenizer_path: Path | None = None,
     train_tokenizer_vocab: int | None = None,
+    chat: bool = False,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
     """Tokenize Dolma `inputs` (files or directories) into `out_dir`; return the metadata written there.
 
     Pass `tokenizer_path` to use an existing tokenizer, or `train_tokenizer_vocab` to first train a
-    byte-level BPE of that size on the inputs' texts. `out_dir` must be new or empty; it appears only
-    once everything is written.
+    byte-level BPE of that size on the inputs' texts. With `chat`, the inputs are instruction JSONL
+    (megaolmo.data.chat) and label masks are written too; fine-tuning starts from a model, so it takes
+    that model's tokenizer. `out_dir` must be new or empty; it appears only once everything is written.
     """
     if (tokenizer_path is None) == (train_tokenizer_vocab is None):
         raise DataError("pass exactly one of a tokenizer (--tokenizer FILE) or a vocab to train (--train-tokenizer N)")
+    if chat and tokenizer_path is None:
+        raise DataError(
+            "--chat data is for fine-tuning a model: pass its tokenizer (--tokenizer FILE), not --train-tokenizer"
+        )
     if not isinstance(workers, int) or workers < 1:
         raise DataError(f"workers={workers!r} must be a positive integer")
     out_dir = Path(out_dir)
@@ -189,7 +206,10 @@ def prepare(
         summary = tokenizer_summary(tokenizer)
         dtype = token_dtype(summary["vocab_size"])
         jobs = [(src, tmp / name) for src, name in zip(files, names)]
-        results = _tokenize_all(jobs, tokenizer, dtype.name, summary["eos"], workers, progress)
+        if chat:
+            (tmp / LABEL_MASK_DIR).mkdir()
+        tokenize = tokenize_chat_file if chat else tokenize_file
+        results = _tokenize_all(jobs, tokenize, tokenizer, dtype.name, summary["eos"], workers, progress)
         per_file = dict(zip(names, results))
         metadata = {
             "format": FORMAT,
@@ -205,6 +225,8 @@ def prepare(
             "bytes": sum(r["bytes"] for r in results),
             "sources": sorted({source for r in results for source in r["sources"]}),
         }
+        if chat:  # np.bool_ masks with the token files' names, in this subdirectory
+            metadata.update(label_masks=LABEL_MASK_DIR, targets=sum(r["targets"] for r in results))
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
@@ -216,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--tokenizer", type=Path, metavar="TOKENIZER.json", help="a Hugging Face tokenizer file")
     which.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of VOCAB tokens")
+    parser.add_argument(
+        "--chat", action="store_true", help="inputs are instruction JSONL; also write label masks (assistant turns)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="input files tokenized in parallel (processes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -225,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             tokenizer_path=args.tokenizer,
             train_tokenizer_vocab=args.train_tokenizer,
+            chat=args.chat,
             workers=args.workers,
             progress=not args.no_progress,
         )
@@ -234,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {args.out}: {meta['tokens']} tokens ({meta['dtype']}) in {meta['documents']} documents "
         f"from {len(meta['files'])} files"
     )
+    if args.chat:
+        print(
+            f"{meta['targets']} of the tokens are targets; train with data.paths=[{args.out}] "
+            f"data.label_mask_paths=[{args.out / LABEL_MASK_DIR}]"
+        )
     return 0
 
 

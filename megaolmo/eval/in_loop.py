@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megaolmo.data import IGNORE_INDEX, MemmapDataset, eos_id, load_tokenizer, shifted_labels
+from megaolmo.data import IGNORE_INDEX, MemmapDataset, eos_id, load_tokenizer
 from megaolmo.data.dataset import dp_rows
 from megaolmo.eval.downstream import evaluate_tasks
 from megaolmo.eval.scoring import Row
@@ -58,7 +58,7 @@ def held_out_metrics(
 
         def rows(start: int, stop: int, dataset: MemmapDataset = dataset) -> tuple[torch.Tensor, torch.Tensor]:
             batch = dataset.get_batch(range(start, stop))
-            return batch, shifted_labels(batch)
+            return batch.input_ids, batch.labels()
 
         nll, tokens = 0.0, 0
         for ids, labels, _ in dp_chunks(model, count, rows, micro_batch_size):

@@ -5,6 +5,11 @@
 pipeline schedule with PP, as plain gradient accumulation without. The loss is
 normalized by the target tokens of the whole global batch, so gradients, losses
 and evaluation equal one process's on every layout.
+
+With `document_masking`, attention stays within the EOS-separated documents of each row. The engine reads
+the documents off the token ids each rank holds (every rank of a pipeline holds its DP rows of the batch,
+ids included) and hands each stage the document positions of the micro-batch it runs as a stage keyword
+argument: the pipeline sends nothing more between stages, and callers pass nothing new.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
 from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches_in, resolve_layout
+from megaolmo.data.documents import document_lengths, document_positions
 from megaolmo.data.labels import IGNORE_INDEX
 from megaolmo.model.fp8 import begin_fp8_step, check_backend, emulates, preserved_scaling_states
 from megaolmo.model.parallelize import parallelize_olmo
@@ -89,6 +95,7 @@ class ParallelOLMo:
         z_loss_multiplier: float = 0.0,
         ignore_index: int = IGNORE_INDEX,
         fp8: Fp8Config | None = None,
+        document_masking: bool = False,
     ) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.layout = resolve_layout(model, parallel, world_size)
@@ -100,6 +107,7 @@ class ParallelOLMo:
         self.fp8_emulated = emulates(self.config.linear, fp8, self.mesh.device)
         amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
         self.param_dtype, self.ignore_index = param_dtype, ignore_index
+        self.document_masking = document_masking  # attention within documents; EOS is model.eos_token_id
         self.local_stages = parallelize_olmo(
             self.layout,
             self.mesh,
@@ -165,10 +173,30 @@ class ParallelOLMo:
             )
         return self._schedules[key]
 
+    def _stage_kwargs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What every stage's forward takes besides its input for these rows: with document masking, each
+        token's position in its document (`doc_positions`, [rows, s]); nothing without."""
+        if not self.document_masking:
+            return {}
+        lengths = document_lengths(input_ids, self.config.eos_token_id)
+        return {"doc_positions": document_positions(lengths, input_ids.shape[1])}
+
     def _pipeline_args(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[tuple, dict]:
-        """What this rank feeds the schedule: the token ids on the first stage, the targets on the last."""
+        """What this rank feeds the schedule: the token ids on the first stage, the targets on the last, and
+        the stage keyword arguments of its rows on every stage (the schedule splits them by micro-batch)."""
         args = (input_ids,) if self.local_stages.first else ()
-        return args, {"target": labels if self.local_stages.last else None}
+        return args, {"target": labels if self.local_stages.last else None, **self._stage_kwargs(input_ids)}
+
+    def _micro_batches(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(token ids, targets, stage keyword arguments) of each micro-batch, without PP."""
+        kwargs = self._stage_kwargs(input_ids)
+        splits = {name: value.split(micro_batch_size) for name, value in kwargs.items()}
+        return [
+            (ids, target, {name: parts[i] for name, parts in splits.items()})
+            for i, (ids, target) in enumerate(zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)))
+        ]
 
     def check_batch(self, input_ids: torch.Tensor, micro_batch_size: int) -> int:
         """Number of micro-batches in this rank's share of the batch, after checking the shapes."""
@@ -209,8 +237,8 @@ class ParallelOLMo:
             try:
                 if self.parallel.pp == 1:
                     (stage,) = self.stages
-                    for ids, target in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)):
-                        self.losses(self._forward(stage, ids), target)
+                    for ids, target, kwargs in self._micro_batches(input_ids, labels, micro_batch_size):
+                        self.losses(self._forward(stage, ids, kwargs), target)
                 else:
                     schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
                     args, kwargs = self._pipeline_args(input_ids, labels)
@@ -232,7 +260,7 @@ class ParallelOLMo:
             dist.all_reduce(sums, group=self.mesh.dp_group)
         return sums[0].item(), int(sums[1].item())
 
-    def _forward(self, stage: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, stage: nn.Module, ids: torch.Tensor, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
         """A stage's forward under FSDP's mixed precision, on every layout: compute-dtype copies of the fp32
         parameters, so activations flow in that dtype and gradients reach the fp32 parameters in fp32.
 
@@ -240,9 +268,9 @@ class ParallelOLMo:
         an fp32 residual stream that no multi-rank layout has, and one GPU would not compute what many do.)
         """
         if self.mesh.dp_mesh is not None or self.param_dtype == torch.float32:
-            return stage(ids)
+            return stage(ids, **kwargs)
         copies = {name: param.to(self.param_dtype) for name, param in stage.named_parameters()}
-        return functional_call(stage, copies, (ids,))
+        return functional_call(stage, copies, (ids,), kwargs)
 
     def reshard(self) -> None:
         """Shard every FSDP unit again: free its gathered copy and put back the fp32 shards the optimizer holds.
@@ -263,16 +291,16 @@ class ParallelOLMo:
         all-gathers once per step, not once per micro-batch. ZeRO-3 still reshards after each forward and
         backward (keeping the weights would give up the memory it is chosen for)."""
         (stage,) = self.stages
-        chunks = list(zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size)))
+        chunks = self._micro_batches(input_ids, labels, micro_batch_size)
         keep_gathered = not self.parallel.reshard_after_forward
-        for i, (ids, target) in enumerate(chunks):
+        for i, (ids, target, kwargs) in enumerate(chunks):
             if self.mesh.dp_mesh is not None:
                 # Set on every micro-batch, so a step that failed half-way leaves the next one nothing to undo.
                 last = i == len(chunks) - 1
                 stage.set_requires_gradient_sync(last)
                 if keep_gathered:
                     stage.set_reshard_after_backward(last)
-            loss = self.losses(self._forward(stage, ids), target)
+            loss = self.losses(self._forward(stage, ids, kwargs), target)
             loss.backward()
 
     def _sum_tied_gradients(self) -> None:

@@ -7,7 +7,9 @@ attention on most layers. Module and parameter names follow allenai/OLMo (`wte`,
 `blocks.{i}.att_proj`, `attn_out`, `ff_proj`, `ff_out`, `attn_norm`, `ff_norm`,
 `q_norm`, `k_norm`, `ln_f`), so conversions are a table, not a puzzle.
 Activations inside the stack are [seq, batch, hidden] (Megatron's layout), so
-sequence-parallel scatter and gather are contiguous along dim 0.
+sequence-parallel scatter and gather are contiguous along dim 0. Given each token's
+position in its document (`doc_positions`), attention stays within documents and
+RoPE restarts in each (`Documents`).
 """
 
 from __future__ import annotations
@@ -73,15 +75,15 @@ def _norm(config: ModelConfig, size: int) -> LayerNorm | RMSNorm:
     return RMSNorm(size, config.layer_norm_eps, config.kernels)
 
 
-def _flash_attn_func():
-    """flash-attn's kernel, imported only when asked for, so it stays an optional dependency."""
+def _flash_attn(name: str):
+    """flash-attn's kernel `name`, imported only when asked for, so it stays an optional dependency."""
     try:
-        from flash_attn import flash_attn_func
+        import flash_attn
     except ImportError:
         raise ConfigError(
             "model.attention=flash needs flash-attn: pip install -e '.[flash]', or set model.attention=sdpa"
         ) from None
-    return flash_attn_func
+    return getattr(flash_attn, name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,30 +93,87 @@ def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torc
     return ones.tril().triu(1 - window)
 
 
+class Documents:
+    """The documents of a micro-batch, in the forms attention and RoPE take them (built once per stage forward).
+
+    From `doc_positions` [b, s], each token's position in its document (megaolmo.data.documents): RoPE
+    rotates by those positions, SDPA takes a [b, 1, s, s] mask of (same document, causal, in the window),
+    and flash-attn's variable-length kernel takes the documents' boundaries in the flattened [b * s] tokens.
+    Each form is computed on first use and kept: blocks with the same window share one mask.
+    """
+
+    def __init__(self, doc_positions: torch.Tensor) -> None:
+        self.positions = doc_positions
+        self._masks: dict[int | None, torch.Tensor] = {}
+        self._varlen: tuple[torch.Tensor, int] | None = None
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token [s, b, hd / 2] rows of the [s, hd / 2] tables: each document rotated from position 0."""
+        positions = self.positions.t()
+        return cos[positions], sin[positions]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[b, 1, s, s] bool, True where query i may attend key j: j <= i in the same document, and within
+        `window` keys when there is one."""
+        if window not in self._masks:
+            seq_len = self.positions.shape[1]
+            document = (self.positions == 0).cumsum(dim=1)  # which document of its row each token is in
+            same = document[:, :, None] == document[:, None, :]
+            self._masks[window] = (same & sliding_window_mask(seq_len, window or seq_len, same.device))[:, None]
+        return self._masks[window]
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """flash-attn's `cu_seqlens` (int32: where each document starts in the flattened [b * s] tokens, then
+        b * s) and `max_seqlen` (the longest document). A row's end is always a document's end. Reading them
+        waits for the device once per stage forward, not once per block."""
+        if self._varlen is None:
+            flat = self.positions.flatten()
+            starts = (flat == 0).nonzero().flatten()
+            cu_seqlens = torch.cat([starts, starts.new_full((1,), flat.numel())]).to(torch.int32)
+            self._varlen = cu_seqlens, int(flat.max()) + 1
+        return self._varlen
+
+
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    window: int | None = None,
+    documents: Documents | None = None,
 ) -> torch.Tensor:
     """Causal attention with scale 1/sqrt(head_dim) on [s, b, heads, hd] tensors; GQA when k/v have fewer heads.
 
     With `window`, a query sees the `window` most recent keys, itself included (Hugging Face's and
-    flash-attn's `window_size=(window - 1, 0)` convention).
+    flash-attn's `window_size=(window - 1, 0)` convention). With `documents`, only keys of its own document
+    (and the window within it): flash-attn's variable-length kernel on the flattened tokens, or SDPA with
+    the equivalent mask.
     """
-    seq_len = q.shape[0]
+    seq_len, batch = q.shape[:2]
     if window is not None and window >= seq_len:
         window = None  # the band covers every causal key
     if backend == "flash":
         window_size = (-1, -1) if window is None else (window - 1, 0)
-        out = _flash_attn_func()(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True, window_size=window_size
+        if documents is None:
+            out = _flash_attn("flash_attn_func")(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True, window_size=window_size
+            )
+            return out.transpose(0, 1)
+        cu_seqlens, max_seqlen = documents.varlen()
+        q, k, v = (t.transpose(0, 1).reshape(batch * seq_len, *t.shape[2:]) for t in (q, k, v))
+        out = _flash_attn("flash_attn_varlen_func")(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=window_size
         )
-        return out.transpose(0, 1)
+        return out.view(batch, seq_len, *out.shape[1:]).transpose(0, 1)
     q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))  # [b, heads, s, hd]
     gqa = k.shape[1] != q.shape[1]
-    if window is None:
+    if documents is None and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        mask = sliding_window_mask(seq_len, window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3)
+    mask = documents.mask(window) if documents is not None else sliding_window_mask(seq_len, window, q.device)
+    if gqa:  # with a mask, SDPA's memory-efficient kernel takes no GQA: the math one would hold [b, h, s, s]
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.permute(2, 0, 1, 3)
 
 
@@ -151,7 +210,7 @@ class OLMoBlock(nn.Module):
         self.ff_proj = ColumnParallelLinear(config.d_model, 2 * ffn, partition_sizes=(ffn, ffn))
         self.ff_out = RowParallelLinear(ffn, config.d_model)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, documents: Documents | None) -> torch.Tensor:
         qkv = self.att_proj(x)  # [s, b, (q + k + v) of this rank's heads]; s is the whole sequence
         s, b, _ = qkv.shape
         if self.clip_qkv is not None:
@@ -161,28 +220,37 @@ class OLMoBlock(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(s, b, -1, self.head_dim) for t in (q, k, v))
         cos, sin = rope_tables(s, self.head_dim, self.rope_theta, q.device, self.yarn)
+        if documents is not None:
+            cos, sin = documents.rope(cos, sin)
         q, k = kernels.get(self.kernel_backend, q.device).apply_rope(q, k, cos, sin)
         if self.activation_checkpointing == "selective":
-            out = checkpoint(causal_attention, q, k, v, self.attention_backend, self.window, use_reentrant=False)
+            out = checkpoint(
+                causal_attention, q, k, v, self.attention_backend, self.window, documents, use_reentrant=False
+            )
         else:
-            out = causal_attention(q, k, v, self.attention_backend, self.window)
+            out = causal_attention(q, k, v, self.attention_backend, self.window, documents)
         return self.attn_out(out.reshape(s, b, -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ff_out(kernels.get(self.kernel_backend, x.device).swiglu(self.ff_proj(x)))
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, documents: Documents | None) -> torch.Tensor:
         if self.norm_after:  # OLMo-2/3
-            x = x + self.attn_norm(self.attention(x))
+            x = x + self.attn_norm(self.attention(x, documents))
             return x + self.ff_norm(self.mlp(x))
-        x = x + self.attention(self.attn_norm(x))
+        x = x + self.attention(self.attn_norm(x), documents)
         return x + self.mlp(self.ff_norm(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[s, b, d] -> [s, b, d] (s is this rank's sequence shard under sequence parallelism)."""
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """[s, b, d] -> [s, b, d] (s is this rank's sequence shard under sequence parallelism); with
+        `documents`, attention within each document.
+
+        `documents` is an argument of the checkpointed function, not state of the block, so a recompute in
+        backward sees the micro-batch's own documents whatever has run since.
+        """
         if self.activation_checkpointing == "full":
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._forward, x, documents, use_reentrant=False)
+        return self._forward(x, documents)
 
 
 class OLMo(nn.Module):
@@ -221,14 +289,18 @@ class OLMo(nn.Module):
             return self.wte.logits(x, sequence_dim=1)
         return self.head(x)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, doc_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [batch, seq] (int64) -> logits [batch, seq, padded vocab].
 
         Inside a pipeline, a stage that does not embed takes and returns hidden states [s, b, d].
+        `doc_positions` [batch, seq] (megaolmo.data.documents.document_positions: each token's position in
+        its document) switches on intra-document attention: a token attends only to its own document, and
+        RoPE counts positions from each document's start.
         """
         x = self.embed(inputs) if not inputs.is_floating_point() else inputs
+        documents = None if doc_positions is None else Documents(doc_positions)
         for block in self.blocks.values():
-            x = block(x)
+            x = block(x, documents)
         if self.ln_f is None:
             return x
         # Back to [b, s, d] before the head, so the (vocab-wide) logits come out contiguous.

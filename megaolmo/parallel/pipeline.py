@@ -35,6 +35,12 @@ class Schedule:
     and whether there is `eval` (forward only). A torch without them gets the step that keeps its outputs
     until it returns, and for `eval` what `eval` itself does: a step with the backward switched off. Older
     schedules pass unknown keywords on to the stage modules, so `return_outputs` is never sent blind.
+
+    `stage_kwargs` reach the forward of every stage, not only the first: each schedule splits them into
+    micro-batches by rows, as it splits the inputs, and hands a stage the slice of the micro-batch it runs
+    by that micro-batch's index (`forward_one_chunk(mb_index, ..., kwarg_mbs[mb_index])` in 1F1B, GPipe and
+    the interleaved runtime alike), so no stage relies on the order its micro-batches come in. Being local
+    to the stage they are neither sent between stages nor given gradients.
     """
 
     def __init__(self, schedule) -> None:
@@ -42,21 +48,21 @@ class Schedule:
         self.drops_outputs = "return_outputs" in inspect.signature(schedule.step).parameters
         self.has_eval = callable(getattr(schedule, "eval", None))
 
-    def step(self, *args, target: torch.Tensor | None) -> None:
+    def step(self, *args, target: torch.Tensor | None, **stage_kwargs: torch.Tensor) -> None:
         """Forward and backward of one batch; the losses reach only the loss function."""
         if self.drops_outputs:
-            self.schedule.step(*args, target=target, return_outputs=False)
+            self.schedule.step(*args, target=target, return_outputs=False, **stage_kwargs)
         else:
-            self.schedule.step(*args, target=target)
+            self.schedule.step(*args, target=target, **stage_kwargs)
 
-    def eval(self, *args, target: torch.Tensor | None) -> None:
+    def eval(self, *args, target: torch.Tensor | None, **stage_kwargs: torch.Tensor) -> None:
         """Forward only, losses included (called under torch.no_grad)."""
         if self.has_eval:
-            self.schedule.eval(*args, target=target)
+            self.schedule.eval(*args, target=target, **stage_kwargs)
             return
         has_backward, self.schedule._has_backward = self.schedule._has_backward, False
         try:
-            self.schedule.step(*args, target=target)
+            self.schedule.step(*args, target=target, **stage_kwargs)
         finally:
             self.schedule._has_backward = has_backward
 

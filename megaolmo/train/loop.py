@@ -19,7 +19,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megaolmo.config import Config, ResolvedRun
-from megaolmo.data import DataSources, GlobalBatches, shifted_labels
+from megaolmo.data import Batch, DataSources, GlobalBatches, MemmapDataset, RepetitionFilter
+from megaolmo.data.mixture import MixtureDataset, TokensSeen
+from megaolmo.data.tokenizer import eos_id, load_tokenizer
 from megaolmo.errors import ConfigError
 from megaolmo.eval.in_loop import InLoopDownstream, InLoopEvaluator
 from megaolmo.model.engine import ParallelOLMo, StepLosses
@@ -44,15 +46,41 @@ def build_evaluator(config: Config, data: DataSources) -> InLoopEvaluator:
     return InLoopEvaluator(data.valid, instances=instances, downstream=downstream)
 
 
+def training_batches(config: Config, data: DataSources, run_dir: Path) -> GlobalBatches:
+    """The run's global batches with OLMo's data controls, checked before training: the label masks of
+    data.label_mask_paths beside the token files of data.paths, and the instance filter data.instance_filter."""
+    train, masks = data.train, config.data.label_mask_paths
+    if masks:
+        if not config.data.paths:
+            raise ConfigError(
+                f"data.label_mask_paths={list(masks)} needs data.paths (a mask goes with each token file there); "
+                "set data.paths to the token files the masks were made for"
+            )
+        train = MemmapDataset(train.paths, train.seq_len, config.data.dtype, label_mask_paths=masks)
+    trainer, repetition = config.trainer, RepetitionFilter.from_config(config.data.instance_filter)
+    return GlobalBatches(
+        train, trainer.global_batch_size, trainer.seed, order_dir=run_dir / "data_order", instance_filter=repetition
+    )
+
+
+def filtered_instances(batch: Batch, model: ParallelOLMo) -> int:
+    """Instances of the global batch that the instance filter dropped: this DP rank's rows, summed over DP."""
+    count = (~batch.instance_mask).sum().to(model.mesh.device)  # collectives take the mesh's device (NCCL)
+    if model.mesh.dp_group is not None:
+        dist.all_reduce(count, group=model.mesh.dp_group)
+    return int(count)
+
+
 def train_step(
-    model: ParallelOLMo, optimizer: torch.optim.Optimizer, batch: torch.Tensor, *, config: Config, step: int
+    model: ParallelOLMo, optimizer: torch.optim.Optimizer, batch: Batch, *, config: Config, step: int
 ) -> tuple[StepLosses, float, bool]:
     """One optimizer step on this rank's rows of the global batch: (losses, gradient norm, whether applied).
+    The loss is the mean over the global batch's targets (its label and instance masks applied).
     A step whose loss or gradient norm is not finite is skipped (trainer.nonfinite=skip) or ends the run."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config.optim, step, config.trainer.max_steps)
     optimizer.zero_grad(set_to_none=True)
-    losses = model.forward_backward(batch, shifted_labels(batch), config.trainer.micro_batch_size)
+    losses = model.forward_backward(batch.input_ids, batch.labels(), config.trainer.micro_batch_size)
     grad_norm = model.clip_grad_norm_(max_grad_norm(config.optim, step))
     finite = math.isfinite(losses.ce) and math.isfinite(grad_norm)
     if finite:
@@ -75,17 +103,33 @@ def prepare_data_order(batches: GlobalBatches, step: int) -> None:
         dist.barrier()
 
 
+def check_document_boundaries(config: Config, data: DataSources) -> None:
+    """Document masking splits instances at model.eos_token_id: it must be the EOS the data was prepared with."""
+    if not config.data.document_masking or data.tokenizer is None:
+        return
+    data_eos = eos_id(load_tokenizer(data.tokenizer))
+    if data_eos != config.model.eos_token_id:
+        raise ConfigError(
+            f"data.document_masking=true splits documents at model.eos_token_id={config.model.eos_token_id}, but "
+            f"the data's tokenizer ends documents with {data_eos}; set model.eos_token_id={data_eos}"
+        )
+
+
 def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
     """Train to `trainer.stop_at` or `max_steps`; True when a stop signal ended the run early, after a checkpoint."""
     trainer, run_dir = config.trainer, Path(config.trainer.run_dir)
-    data = DataSources(config.data, seq_len=run.seq_len, vocab_size=run.model.vocab_size, progress=is_rank_zero())
+    data = DataSources(config.data, seq_len=run.seq_len, vocab_size=run.model.vocab_size, progress=is_rank_zero(),
+                       instances=trainer.max_steps * trainer.global_batch_size, seed=trainer.seed)  # fmt: skip
+    check_document_boundaries(config, data)
     evaluator = build_evaluator(config, data)
-    batches = GlobalBatches(data.train, trainer.global_batch_size, trainer.seed, order_dir=run_dir / "data_order")
+    batches = training_batches(config, data, run_dir)
+    tokens_seen = TokensSeen(batches) if isinstance(batches.dataset, MixtureDataset) and is_rank_zero() else None
     init_distributed(device_type(config.parallel))
     apply_tf32(trainer.tf32, device_type(config.parallel))
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
     model = ParallelOLMo(run.model, config.parallel, seed=trainer.seed, param_dtype=param_dtype,
-                         z_loss_multiplier=trainer.z_loss, fp8=config.fp8)  # fmt: skip
+                         z_loss_multiplier=trainer.z_loss, fp8=config.fp8,
+                         document_masking=config.data.document_masking)  # fmt: skip
     if model.high_precision_layers and is_rank_zero():
         print(f"FP8: kept in high precision (dims not multiples of 16): {', '.join(model.high_precision_layers)}")
     if model.fp8_emulated and is_rank_zero():
@@ -113,6 +157,10 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
                   "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
                   "tokens_per_second": tokens_per_step / elapsed, "mfu": step_flops / elapsed / peak,
                   "skipped_steps": skipped}  # fmt: skip
+        if batch.instance_mask is not None:
+            values["filtered_instances"] = filtered_instances(batch, model)
+        if tokens_seen is not None:  # tokens of each source so far, from the data order: exact after a resume
+            values.update({f"tokens/{name}": tokens for name, tokens in tokens_seen(step + 1).items()})
         if trainer.eval_interval and ((step + 1) % trainer.eval_interval == 0 or step + 1 == stop):
             values.update(evaluator(model, trainer.micro_batch_size))
         log.log(step + 1, values)
