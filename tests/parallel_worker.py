@@ -17,6 +17,7 @@ from gloo_groups import run_each_on_its_group
 from helpers import resolved_model, small_model
 
 from megaolmo.config import ModelConfig, ParallelConfig
+from megaolmo.data.batch import Batch
 from megaolmo.model.engine import ParallelOLMo
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, MAX_GRAD_NORM = 8, 16, 3, 1.0
@@ -56,7 +57,7 @@ class Layout:
     parallel: dict = field(default_factory=dict)
     micro_batch_size: int = 1
     z_loss: float = 1e-3
-    document_masking: bool = False  # attention within the EOS-separated documents of global_batch(True)
+    document_masking: bool = False  # attention within the documents of global_batch(True), with its target masks
 
     @property
     def world_size(self) -> int:
@@ -68,17 +69,21 @@ class Layout:
 
 
 def global_batch(documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids and their next-token labels; with `documents`, EOS exactly at EOS_POSITIONS."""
+    """Random token ids and their next-token labels. With `documents`, EOS exactly at EOS_POSITIONS, and the
+    data's masks on the targets: a label mask dropping about a third of them (unevenly over rows, so
+    micro-batches and DP ranks hold different counts) and one instance the repetition filter would drop."""
     generator = torch.Generator().manual_seed(1234)
     input_ids = torch.randint(0, 1030, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
-    if documents:
-        eos = MODELS["tied"].eos_token_id
-        input_ids[input_ids == eos] = eos + 1
-        for row, positions in enumerate(EOS_POSITIONS):
-            input_ids[row, positions] = eos
-    labels = torch.roll(input_ids, -1, dims=1)
-    labels[:, -1] = -100  # no target for the last position
-    return input_ids, labels
+    if not documents:
+        return input_ids, Batch(input_ids).labels()
+    eos = MODELS["tied"].eos_token_id
+    input_ids[input_ids == eos] = eos + 1
+    for row, positions in enumerate(EOS_POSITIONS):
+        input_ids[row, positions] = eos
+    keep = torch.rand(GLOBAL_BATCH, SEQ_LEN, generator=generator) > torch.linspace(0.0, 0.7, GLOBAL_BATCH)[:, None]
+    instances = torch.ones(GLOBAL_BATCH, dtype=torch.bool)
+    instances[5] = False
+    return input_ids, Batch(input_ids, label_mask=keep, instance_mask=instances).labels()
 
 
 def train(layout: Layout, config: ModelConfig) -> dict:

@@ -45,7 +45,9 @@ def _layouts() -> list[Layout]:
                                                       "activation_checkpointing": "selective"}),
     ]  # fmt: skip
     # Document masking: the masks are per full sequence under SP, the documents reach every pipeline stage
-    # (1F1B, interleaved) with its micro-batch, and recomputes (full, selective) see their micro-batch's.
+    # (1F1B, interleaved) with its micro-batch, and recomputes (full, selective) see their micro-batch's. Their
+    # batch also masks targets (a label mask, a filtered instance): the loss is the mean over the masked-in
+    # targets of the whole global batch, however micro-batches and DP ranks split them.
     documents = [
         Layout("docs_tp2_sp", "tied", {"tp": 2, "sequence_parallel": True}, 2),
         Layout("docs_pp2_1f1b", "untied_gqa", {"pp": 2}, 2),
