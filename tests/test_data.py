@@ -385,7 +385,7 @@ def test_resume_mid_epoch(dataset: MemmapDataset) -> None:
     for step in range(7):
         interrupted.batch(step)
     state = interrupted.state_dict()
-    assert state == {"samples_seen": 56, "seed": 5, "global_batch_size": 8}
+    assert state == {"samples_seen": 56, "seed": 5, "global_batch_size": 8, "instances": len(dataset)}
     resumed = GlobalBatches(dataset, global_batch_size=8, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     assert resumed.step == 7
@@ -406,6 +406,9 @@ def test_batch_errors(dataset: MemmapDataset) -> None:
         batches.load_state_dict({"samples_seen": 8, "seed": 1, "global_batch_size": 8})
     with pytest.raises(DataError, match="samples_seen=12 is not a whole number"):
         batches.load_state_dict({"samples_seen": 12, "seed": 0, "global_batch_size": 8})
+    with pytest.raises(DataError, match="saved over 104 instances but this run's data has 103; resume with the same"):
+        batches.load_state_dict({"samples_seen": 8, "seed": 0, "global_batch_size": 8, "instances": 104})
+    batches.load_state_dict({"samples_seen": 8, "seed": 0, "global_batch_size": 8})  # an older state: no count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -302,10 +302,22 @@ class GlobalBatches:
         return batch.rows(dp_rows(len(batch), dp_rank, dp))
 
     def state_dict(self) -> dict[str, int]:
-        return {"samples_seen": self.samples_seen, "seed": self.seed, "global_batch_size": self.global_batch_size}
+        return {
+            "samples_seen": self.samples_seen,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "instances": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue where `state` stopped; the seed and global batch size must be those it was saved with."""
+        """Continue where `state` stopped; the seed, global batch size and number of instances must be those
+        it was saved with (another number would be another order: some instances seen twice, others never)."""
+        saved = state.get("instances", len(self.dataset))  # states of older runs do not record it
+        if saved != len(self.dataset):
+            raise DataError(
+                f"data state was saved over {saved} instances but this run's data has {len(self.dataset)}; resume "
+                "with the same data (and, with data.sources, the same trainer.max_steps and global batch size)"
+            )
         for key in ("seed", "global_batch_size"):
             if state[key] != getattr(self, key):
                 raise DataError(

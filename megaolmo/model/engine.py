@@ -173,25 +173,34 @@ class ParallelOLMo:
             )
         return self._schedules[key]
 
-    def _stage_kwargs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What every stage's forward takes besides its input for these rows: with document masking, each
-        token's position in its document (`doc_positions`, [rows, s]); nothing without."""
-        if not self.document_masking:
-            return {}
-        lengths = document_lengths(input_ids, self.config.eos_token_id)
-        return {"doc_positions": document_positions(lengths, input_ids.shape[1])}
+    def _to_device(
+        self, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The rows on the mesh's device, and what every stage's forward takes besides its input: with document
+        masking, each token's position in its document (`doc_positions`, [rows, s]); nothing without.
 
-    def _pipeline_args(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[tuple, dict]:
+        The positions are computed from the ids where the loader put them (the host), before they move, so
+        finding the documents costs the device no synchronization.
+        """
+        kwargs = {}
+        if self.document_masking:
+            lengths = document_lengths(input_ids, self.config.eos_token_id)
+            positions = document_positions(lengths, input_ids.shape[1])
+            kwargs["doc_positions"] = positions.to(self.mesh.device, non_blocking=True)
+        return input_ids.to(self.mesh.device), labels.to(self.mesh.device), kwargs
+
+    def _pipeline_args(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, kwargs: dict[str, torch.Tensor]
+    ) -> tuple[tuple, dict]:
         """What this rank feeds the schedule: the token ids on the first stage, the targets on the last, and
         the stage keyword arguments of its rows on every stage (the schedule splits them by micro-batch)."""
         args = (input_ids,) if self.local_stages.first else ()
-        return args, {"target": labels if self.local_stages.last else None, **self._stage_kwargs(input_ids)}
+        return args, {"target": labels if self.local_stages.last else None, **kwargs}
 
     def _micro_batches(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int
+        self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int, kwargs: dict[str, torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
         """(token ids, targets, stage keyword arguments) of each micro-batch, without PP."""
-        kwargs = self._stage_kwargs(input_ids)
         splits = {name: value.split(micro_batch_size) for name, value in kwargs.items()}
         return [
             (ids, target, {name: parts[i] for name, parts in splits.items()})
@@ -206,17 +215,17 @@ class ParallelOLMo:
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> StepLosses:
         """Forward and backward of this DP rank's share [B / dp, s] of the global batch; gradients accumulate."""
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
-        input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
+        input_ids, labels, kwargs = self._to_device(input_ids, labels)
         tokens = (labels != self.ignore_index).sum()
         if self.mesh.dp_group is not None:
             dist.all_reduce(tokens, group=self.mesh.dp_group)
         self.losses.begin(normalizer=max(int(tokens), 1))
         begin_fp8_step(self.stages)  # TE casts the weights to FP8 at the first micro-batch, then reuses them
         if self.parallel.pp == 1:
-            self._accumulate(input_ids, labels, micro_batch_size)
+            self._accumulate(input_ids, labels, micro_batch_size, kwargs)
         else:
             schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
-            args, kwargs = self._pipeline_args(input_ids, labels)
+            args, kwargs = self._pipeline_args(input_ids, labels, kwargs)
             schedule.step(*args, **kwargs)  # the losses are all the step needs: no logits are kept
             self._sum_tied_gradients()
         sums = self.losses.total(self.mesh.device)
@@ -231,17 +240,17 @@ class ParallelOLMo:
         """Summed cross entropy of each row of this DP rank's share [B / dp, s] (CPU, on every rank of the
         share's TP x PP group). Forward only; every FSDP unit is sharded again afterwards (`reshard`)."""
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
-        input_ids, labels = input_ids.to(self.mesh.device), labels.to(self.mesh.device)
+        input_ids, labels, kwargs = self._to_device(input_ids, labels)
         self.losses.begin(normalizer=1)
         with preserved_scaling_states(self.stages):  # evaluation must not move TE's delayed FP8 scales
             try:
                 if self.parallel.pp == 1:
                     (stage,) = self.stages
-                    for ids, target, kwargs in self._micro_batches(input_ids, labels, micro_batch_size):
-                        self.losses(self._forward(stage, ids, kwargs), target)
+                    for ids, target, chunk in self._micro_batches(input_ids, labels, micro_batch_size, kwargs):
+                        self.losses(self._forward(stage, ids, chunk), target)
                 else:
                     schedule = self._schedule(micro_batch_size, input_ids.shape[1], n_microbatches)
-                    args, kwargs = self._pipeline_args(input_ids, labels)
+                    args, kwargs = self._pipeline_args(input_ids, labels, kwargs)
                     schedule.eval(*args, **kwargs)
             finally:
                 self.reshard()
@@ -285,22 +294,24 @@ class ParallelOLMo:
                 if isinstance(module, FSDPModule):
                     module.reshard()
 
-    def _accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> None:
+    def _accumulate(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int, kwargs: dict[str, torch.Tensor]
+    ) -> None:
         """Gradient accumulation without PP: under FSDP, gradients reduce-scatter once, after the last
         micro-batch; ZeRO-2 also keeps its gathered weights from one micro-batch to the next, so each unit
         all-gathers once per step, not once per micro-batch. ZeRO-3 still reshards after each forward and
         backward (keeping the weights would give up the memory it is chosen for)."""
         (stage,) = self.stages
-        chunks = self._micro_batches(input_ids, labels, micro_batch_size)
+        chunks = self._micro_batches(input_ids, labels, micro_batch_size, kwargs)
         keep_gathered = not self.parallel.reshard_after_forward
-        for i, (ids, target, kwargs) in enumerate(chunks):
+        for i, (ids, target, chunk) in enumerate(chunks):
             if self.mesh.dp_mesh is not None:
                 # Set on every micro-batch, so a step that failed half-way leaves the next one nothing to undo.
                 last = i == len(chunks) - 1
                 stage.set_requires_gradient_sync(last)
                 if keep_gathered:
                     stage.set_reshard_after_backward(last)
-            loss = self.losses(self._forward(stage, ids, kwargs), target)
+            loss = self.losses(self._forward(stage, ids, chunk), target)
             loss.backward()
 
     def _sum_tied_gradients(self) -> None:

@@ -124,13 +124,14 @@ class Documents:
 
     def varlen(self) -> tuple[torch.Tensor, int]:
         """flash-attn's `cu_seqlens` (int32: where each document starts in the flattened [b * s] tokens, then
-        b * s) and `max_seqlen` (the longest document). A row's end is always a document's end. Reading them
-        waits for the device once per stage forward, not once per block."""
+        b * s) and `max_seqlen` (the row length, a bound on every document that needs no read of the device).
+        A row's end is always a document's end. Finding the starts waits for the device once per stage forward
+        of a micro-batch, not once per block."""
         if self._varlen is None:
             flat = self.positions.flatten()
             starts = (flat == 0).nonzero().flatten()
             cu_seqlens = torch.cat([starts, starts.new_full((1,), flat.numel())]).to(torch.int32)
-            self._varlen = cu_seqlens, int(flat.max()) + 1
+            self._varlen = cu_seqlens, self.positions.shape[-1]
         return self._varlen
 
 
