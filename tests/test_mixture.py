@@ -18,14 +18,21 @@ from training_run import TINY, VOCAB, losses, train, write_dolma
 from megaolmo.config import DataConfig
 from megaolmo.config.schema import DataSourceConfig, InstanceFilterConfig
 from megaolmo.data import DataSources, GlobalBatches, RepetitionFilter, prepare
+from megaolmo.data.batch import Batch
 from megaolmo.data.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE
-from megaolmo.data.mixture import MixtureDataset, TokensSeen, mixture_counts, sample_permutation, tokens_per_source
+from megaolmo.data.mixture import MixtureDataset, TokensSeen, mixture_counts, sample_permutation
 from megaolmo.errors import ConfigError, DataError
 from megaolmo.plan.__main__ import compose_config
 
 SEQ = 8  # tokens per instance
 STRIDE = 1_000_000  # token ids of source s start at s * STRIDE
 DATA_VOCAB = 100 * STRIDE
+
+
+def tokens_per_source(batch: Batch, names: list[str]) -> dict[str, int]:
+    """Tokens of `batch` per source, every one of `names` included: the rows it read, counted whole."""
+    counts = torch.bincount(batch.source, minlength=len(names)).tolist()
+    return {name: count * batch.input_ids.shape[1] for name, count in zip(names, counts, strict=True)}
 
 
 def write_source(root: Path, name: str, index: int, instances: int, *, constant: bool = False) -> Path:

@@ -8,7 +8,6 @@ from, for tokens-per-source metrics. Fields the data does not have are None: eve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,20 +43,3 @@ class Batch:
             return None if tensor is None else tensor[rows]
 
         return Batch(take(self.input_ids), take(self.label_mask), take(self.instance_mask), take(self.source))
-
-    @staticmethod
-    def cat(batches: Sequence[Batch]) -> Batch:
-        """Batches one after another; a field present in some batches only is filled as "everything counts"."""
-
-        def joined(name: str, fill) -> torch.Tensor | None:
-            tensors = [getattr(batch, name) for batch in batches]
-            if all(tensor is None for tensor in tensors):
-                return None
-            return torch.cat([fill(batch) if tensor is None else tensor for batch, tensor in zip(batches, tensors)])
-
-        return Batch(
-            torch.cat([batch.input_ids for batch in batches]),
-            joined("label_mask", lambda b: torch.ones_like(b.input_ids, dtype=torch.bool)),
-            joined("instance_mask", lambda b: torch.ones(len(b), dtype=torch.bool)),
-            joined("source", lambda b: torch.zeros(len(b), dtype=torch.int64)),
-        )

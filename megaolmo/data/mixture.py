@@ -211,19 +211,17 @@ class MixtureDataset:
         """Instances `indices` (at least one) as a Batch: each row read from its source, with that source's
         masks, and `source` naming it."""
         source, instance = self.locate(indices)
-        parts, rows = [], []
+        input_ids = torch.empty((len(source), self.seq_len), dtype=torch.int64)
+        label_mask = None
         for s in np.unique(source):
-            picked = np.flatnonzero(source == s)
-            parts.append(self.datasets[s].get_batch(instance[picked]))
-            rows.append(picked)
-        joined = Batch.cat(parts)
-        back = torch.from_numpy(np.argsort(np.concatenate(rows)))  # row r of the batch is row back[r] of `joined`
-        return Batch(
-            joined.input_ids[back],
-            None if joined.label_mask is None else joined.label_mask[back],
-            None if joined.instance_mask is None else joined.instance_mask[back],
-            torch.from_numpy(source),
-        )
+            rows = torch.from_numpy(np.flatnonzero(source == s))  # read straight into their places
+            part = self.datasets[s].get_batch(instance[rows.numpy()])
+            input_ids[rows] = part.input_ids
+            if part.label_mask is not None:
+                if label_mask is None:
+                    label_mask = torch.ones(input_ids.shape, dtype=torch.bool)
+                label_mask[rows] = part.label_mask
+        return Batch(input_ids, label_mask=label_mask, source=torch.from_numpy(source))
 
     def describe(self) -> str:
         """The mixture, one row per source: what rank 0 prints at start-up."""
@@ -241,14 +239,6 @@ class MixtureDataset:
 
 def _tokens(rows: Sequence[int], names: Sequence[str], seq_len: int) -> dict[str, int]:
     return {name: int(count) * seq_len for name, count in zip(names, rows, strict=True)}
-
-
-def tokens_per_source(batch: Batch, names: Sequence[str]) -> dict[str, int]:
-    """Tokens of `batch` per source, every one of `names` included (0 when no row came from it). A row counts
-    whole, its masked targets too: these are the tokens the model read."""
-    if batch.source is None:
-        raise DataError("this batch does not say which source its rows came from; it is not from a mixture")
-    return _tokens(torch.bincount(batch.source, minlength=len(names)).tolist(), names, batch.input_ids.shape[1])
 
 
 class TokensSeen:

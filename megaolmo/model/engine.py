@@ -119,6 +119,7 @@ class ParallelOLMo:
         )
         self.stages = self.local_stages.modules  # this rank's stage modules, in pipeline order
         self.tied_replica = self.local_stages.tied_replica(self.layout)
+        self._norm_counted, self._norm_scaled_only = self._gradient_norm_terms()
         if self.config.weight_tying:
             self.mesh.build_embedding_group()
         self.losses = MicroBatchLosses(
@@ -322,13 +323,13 @@ class ParallelOLMo:
         grad = owner.grad.to_local() if isinstance(owner.grad, DTensor) else owner.grad
         dist.all_reduce(grad, group=self.mesh.embedding_group)
 
-    def clip_grad_norm_(self, max_norm: float | None) -> float:
-        """Clip by the global gradient norm over TP, PP and DP (each parameter counted once).
+    def _gradient_norm_terms(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(parameters the gradient norm counts, parameters it only scales), fixed once the stages are built.
 
-        A parameter replicated over TP (an OLMo-2 norm's weight) is counted on TP rank 0 and scaled on all.
+        Each parameter is counted once over the world: a tied head's copy of the embedding is scaled only, and
+        a parameter replicated over TP (an OLMo-2 norm's weight) is counted on TP rank 0 and scaled on all.
         """
-        replicas = [self.tied_replica] if self.tied_replica is not None else []
-        counted = []
+        counted, scaled_only = [], [self.tied_replica] if self.tied_replica is not None else []
         for stage in self.stages:
             split_by_tp = {
                 id(param) for layer in tensor_parallel_layers(stage).values() for param in layer.parameters()
@@ -337,8 +338,12 @@ class ParallelOLMo:
                 if param is self.tied_replica:
                     continue
                 tp_copy = id(param) not in split_by_tp and self.mesh.tp_rank != 0
-                (replicas if tp_copy else counted).append(param)
-        return clip_grad_norm_(counted, max_norm, replicas).item()
+                (scaled_only if tp_copy else counted).append(param)
+        return counted, scaled_only
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """Clip by the global gradient norm over TP, PP and DP (each parameter counted once)."""
+        return clip_grad_norm_(self._norm_counted, max_norm, self._norm_scaled_only).item()
 
     @torch.no_grad()
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -60,8 +60,11 @@ def mitchell_std(config: ModelConfig, name: str) -> float:
 
 def init_std(config: ModelConfig, name: str) -> float:
     """The std the model's initialization draws a (non-norm) weight with."""
-    mitchell = mitchell_std(config, name)  # also refuses a parameter without a rule
-    return config.init_std if config.init_method == "normal" else mitchell
+    if config.init_method == "mitchell":
+        return mitchell_std(config, name)
+    if name not in ("wte.weight", "head.linear.weight"):
+        _block_weight(name)  # refuses a parameter without a rule, as mitchell_std does
+    return config.init_std
 
 
 def full_shape(config: ModelConfig, name: str) -> tuple[int, ...]:

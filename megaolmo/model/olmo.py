@@ -105,12 +105,18 @@ class Documents:
     def __init__(self, doc_positions: torch.Tensor) -> None:
         self.positions = doc_positions
         self._masks: dict[int | None, torch.Tensor] = {}
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
 
     def rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token [s, b, hd / 2] rows of the [s, hd / 2] tables: each document rotated from position 0."""
-        positions = self.positions.t()
-        return cos[positions], sin[positions]
+        """Per-token [s, b, hd / 2] rows of the [s, hd / 2] tables: each document rotated from position 0.
+
+        Gathered once per table (blocks share the cached tables of rope_tables; YaRN's are another)."""
+        if id(cos) not in self._rows:
+            positions = self.positions.t()
+            self._rows[id(cos)] = (cos, sin, cos[positions], sin[positions])  # the tables held: their ids stay
+        _, _, cos_rows, sin_rows = self._rows[id(cos)]
+        return cos_rows, sin_rows
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[b, 1, s, s] bool, True where query i may attend key j: j <= i in the same document, and within
