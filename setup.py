@@ -24,6 +24,7 @@ setup(
         "hydra-core>=1.3.2",
         "hydra-submitit-launcher>=1.2",  # sweeps as Slurm jobs: hydra/launcher=submitit_slurm
         "tokenizers",
+        "zstandard",  # Dolma v1.7's *.json.zst shards
         "tqdm",
         "tensorboard",
         "matplotlib",

@@ -42,6 +42,7 @@ from megaolmo.data.corpus import is_valid
 corpus_module = importlib.import_module("megaolmo.data.corpus")
 order_module = importlib.import_module("megaolmo.data.order")
 prepare_module = importlib.import_module("megaolmo.data.prepare")  # the package re-exports prepare(), shadowing it
+tokenize_shard_module = importlib.import_module("megaolmo.data.tokenize_shard")
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures
@@ -181,8 +182,6 @@ def test_prepare_round_trip(dolma_dir: Path, tokenizer_path: Path, tmp_path: Pat
         stats = {"tokens": n_tokens, "documents": len(texts), "bytes": n_bytes}
         assert meta["files"][name]["sources"] == {source: stats}
         assert {k: meta["files"][name][k] for k in stats} == stats
-    dataset = MemmapDataset([out / "b.npy"], seq_len=4)
-    assert dataset.bytes_per_token == meta["files"]["b.npy"]["bytes"] / meta["files"]["b.npy"]["tokens"]
     assert meta["tokens"] == sum(f["tokens"] for f in meta["files"].values())
     assert meta["documents"] == len(TEXTS)
     assert meta["sources"] == ["b", "web"]
@@ -201,7 +200,7 @@ def test_prepare_batches_long_input(tmp_path: Path, tokenizer_path: Path, monkey
     texts = [f"document {i} " + "the quick brown fox " * (i % 7) for i in range(50)]
     write_dolma(tmp_path / "many.jsonl", docs(texts))
     whole = prepare([tmp_path / "many.jsonl"], tmp_path / "whole", tokenizer_path=tokenizer_path, progress=False)
-    monkeypatch.setattr(prepare_module, "BATCH_DOCUMENTS", 3)
+    monkeypatch.setattr(tokenize_shard_module, "BATCH_DOCUMENTS", 3)
     batched = prepare([tmp_path / "many.jsonl"], tmp_path / "batched", tokenizer_path=tokenizer_path, progress=False)
     assert batched == whole
     assert (tmp_path / "whole/many.npy").read_bytes() == (tmp_path / "batched/many.npy").read_bytes()
@@ -296,7 +295,6 @@ def test_olmo_memmaps_read_unchanged(tmp_path: Path) -> None:
     expected = [first[i * 8 : (i + 1) * 8] for i in range(4)] + [second[i * 8 : (i + 1) * 8] for i in range(3)]
     for i, instance in enumerate(expected):
         assert dataset[i].dtype == torch.int64 and dataset[i].tolist() == instance.tolist()
-    assert dataset.bytes_per_token is None  # no metadata: bits per byte cannot be computed
     batch = dataset.get_batch(np.array([6, 0, 4])).input_ids
     assert batch.shape == (3, 8) and batch.dtype == torch.int64
     assert batch.tolist() == [expected[6].tolist(), expected[0].tolist(), expected[4].tolist()]

@@ -89,7 +89,6 @@ def test_each_source_gives_its_share_within_one_instance(tmp_path: Path) -> None
         picked = instance[source == s]
         assert len(np.unique(picked)) == len(picked)  # max_repetition 1: no instance twice
     assert sum(seen.values()) == 997 * SEQ
-    assert mixture.bytes_per_token == 3.0  # every source has 3 bytes of text per token
     assert mixture_counts([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # largest remainder: 3.5 -> 4, 2.1 -> 2, 1.4 -> 1
     assert mixture_counts([1 / 3] * 3, 10) == [4, 3, 3]
 

@@ -17,10 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import docs, small_tokenizer, write_dolma
 from helpers import assert_ok
 from training_run import TINY, data_args
 
+import megaolmo
 from megaolmo.checkpoint.directory import MANIFEST_FILE
+from megaolmo.data import load_tokenizer, prepare
+from megaolmo.eval import evaluate_tasks, load_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -145,6 +149,49 @@ def test_preempted_job_requeues_and_ends_with_the_same_losses(
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step, loss in straight.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-6), step
+
+
+def test_eval_script_scores_the_recipes_checkpoint_sharded_tp2_pp2(
+    straight_run: tuple[Path, dict[str, str]], dataset: dict
+) -> None:
+    """`sbatch slurm/eval.sh` on 4 CPU ranks, the model sharded as it trained, equals one process's scores."""
+    runs = straight_run[0]
+    final, out = runs / "straight" / "final", runs / "eval.json"
+    command = ["sbatch", "--parsable", "--job-name=eval", f"--output={runs}/eval.out", *SBATCH_FOR_CPU]
+    command += ["--ntasks-per-node=4", "slurm/eval.sh", "downstream", str(final), str(dataset["task"])]
+    command += ["--tokenizer", str(dataset["tokenizer"]), "--tp", "2", "--pp", "2", "--per-example", "--out", str(out)]
+    submitted = subprocess.run(command, cwd=REPO, env=job_environment(runs), capture_output=True, text=True, check=True)
+    fields = wait_for(submitted.stdout.strip().split(";")[0])
+    assert fields["JobState"] == "COMPLETED", (runs / "eval.out").read_text()
+    results = json.loads(out.read_text())
+    assert results["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    single = evaluate_tasks(megaolmo.load(final), load_tokenizer(dataset["tokenizer"]), load_tasks([dataset["task"]]),
+                            per_example=True)  # fmt: skip
+    for got, want in zip(
+        results["tasks"]["synthetic"]["per_example"], single["tasks"]["synthetic"]["per_example"], strict=True
+    ):
+        assert got["logprobs"] == pytest.approx(want["logprobs"], rel=1e-5)
+
+
+def test_prepare_array_of_two_tasks_writes_one_jobs_output(tmp_path: Path) -> None:
+    """`sbatch --array=0-1 slurm/prepare_dolma.sh`: each task tokenizes its half of the shards into one directory,
+    and the union (metadata.json included, written by whichever task commits last) is one process's output."""
+    tokenizer = small_tokenizer(tmp_path / "tokenizer.json")
+    for shard in range(4):
+        texts = [f"shard {shard} document {i}: the quick brown fox jumps over the lazy dog." for i in range(20)]
+        write_dolma(tmp_path / "in" / f"part-{shard}.json.gz", docs(texts, source=f"src{shard % 2}"))
+    prepare([tmp_path / "in"], tmp_path / "one", tokenizer_path=tokenizer, progress=False)
+    command = ["sbatch", "--parsable", "--array=0-1", f"--output={tmp_path}/prepare-%a.out", "--cpus-per-task=1"]
+    command += ["--time=10", "slurm/prepare_dolma.sh", str(tmp_path / "in"), "--out", str(tmp_path / "array")]
+    command += ["--tokenizer", str(tokenizer)]
+    submitted = subprocess.run(command, cwd=REPO, env=job_environment(tmp_path), capture_output=True, text=True,
+                               check=True)  # fmt: skip
+    array_id = submitted.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        fields = wait_for(f"{array_id}_{task}")
+        assert fields["JobState"] == "COMPLETED", "\n".join(p.read_text() for p in tmp_path.glob("prepare-*.out"))
+    for name in ["metadata.json", *(f"part-{shard}.npy" for shard in range(4))]:
+        assert (tmp_path / "array" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_sweep_runs_one_slurm_job_per_point_and_summarizes(dataset: dict, tmp_path: Path) -> None:

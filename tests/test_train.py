@@ -26,7 +26,7 @@ def test_single_process_and_tp2_pp2_dp2_give_the_same_losses(dataset, tmp_path: 
     for run in ("single", "tp2_pp2_dp2"):
         records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         step5 = next(r for r in records if r["step"] == 5 and "loss" in r)
-        assert {"lr", "grad_norm", "tokens", "tokens_per_second", "mfu", "eval/valid_web/bits_per_byte"} <= set(step5)
+        assert {"lr", "grad_norm", "tokens", "tokens_per_second", "mfu", "eval/web/bits_per_byte"} <= set(step5)
         evals.append({k: v for k, v in step5.items() if k.startswith("eval/")})
         assert (tmp_path / run / "loss.png").stat().st_size > 0
         assert (tmp_path / run / "final" / MANIFEST_FILE).is_file()

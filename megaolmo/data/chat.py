@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from megaolmo.data.dolma import dolma_stem
+from megaolmo.data.group_runs import GroupRuns
 from megaolmo.data.jsonl import json_objects
 from megaolmo.data.tokenizer import load_tokenizer
 from megaolmo.errors import DataError
@@ -130,11 +131,12 @@ def tokenize_chat_file(
 ) -> dict:
     """Tokenize one chat JSONL file into the memmap `dst` and its label mask; return its counts.
 
-    The same signature and result as prepare.tokenize_file (plus the targets), so a process pool runs either.
+    The same signature and result as tokenize_shard.tokenize_file (plus the targets), so a process pool runs either.
     """
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.encode_special_tokens = True  # special-token strings in a content are text (the EOS is added here)
     sources: dict[str, dict[str, int]] = {}
+    groups = GroupRuns()  # a conversation's group is its source
     total_tokens = total_docs = total_targets = 0
     conversations = read_conversations(src)
     with open(dst, "wb") as out, open(label_mask_path(dst), "wb") as mask_out:
@@ -160,6 +162,7 @@ def tokenize_chat_file(
                 stats["tokens"] += len(ids) - start
                 stats["documents"] += 1
                 stats["bytes"] += size
+                groups.add(conversation.source, len(ids) - start)
             mask = np.concatenate(masks)
             np.asarray(ids, dtype=dtype).tofile(out)
             mask.tofile(mask_out)
@@ -175,4 +178,5 @@ def tokenize_chat_file(
         "targets": total_targets,
         "bytes": sum(s["bytes"] for s in sources.values()),
         "sources": dict(sorted(sources.items())),
+        "groups": groups.runs,
     }

@@ -11,6 +11,10 @@ Beside the tokens, OLMo's data controls: label masks (`label_mask_paths`, one np
 token file, read with the same slices: True where a token is a training target) and an instance
 filter (megaolmo.data.filter, applied by GlobalBatches to any dataset, a mixture too), which masks out
 every target of the instances it drops. A batch is a `Batch`: token ids, and the masks the data has.
+
+Files are opened lazily (construction only stats them and reads metadata.json) and read through
+megaolmo.data.memmap_cache, which bounds the memmaps open in the process, so a dataset of thousands of
+files stays within the file-descriptor limit and pickles (for DataLoader workers) without open files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from megaolmo.data.batch import Batch
 from megaolmo.data.filter import RepetitionFilter
+from megaolmo.data.memmap_cache import read_slice
 from megaolmo.data.metadata import METADATA_FILE, read_metadata
 from megaolmo.data.order import build_order, open_order, order_path
 from megaolmo.data.tokenizer import tokenizer_fingerprint as fingerprint_of
@@ -33,7 +38,7 @@ TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 NPY_MAGIC = b"\x93NUMPY"  # what np.save writes first: a header that raw memmaps do not have
 
 
-def _memmap_files(paths: Sequence[str | Path], what: str = "token") -> list[Path]:
+def memmap_files(paths: Sequence[str | Path], what: str = "token") -> list[Path]:
     """Memmap files in order; a directory stands for its `*.npy` files, sorted."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -57,7 +62,7 @@ def _memmap_files(paths: Sequence[str | Path], what: str = "token") -> list[Path
 def _label_mask_files(label_mask_paths: Sequence[str | Path], token_files: list[Path], tokens: list[int]) -> list[Path]:
     """The label mask of each token file, checked: mask i goes with token file i (OLMo's pairing), both
     lists expanded the same way, and holds one np.bool_ (one byte) per token of it."""
-    masks = _memmap_files(label_mask_paths, "label mask")
+    masks = memmap_files(label_mask_paths, "label mask")
     if len(masks) != len(token_files):
         raise DataError(
             f"{len(masks)} label mask files for {len(token_files)} token files; give one mask per token file, in "
@@ -109,6 +114,26 @@ def _file_dtype(path: Path, dtype: np.dtype | str | None, metadata: dict | None)
     return recorded
 
 
+def inspect_token_file(path: Path, dtype: np.dtype | str | None, metadata: dict | None) -> tuple[np.dtype, int, dict]:
+    """(dtype, tokens, its metadata.json entry or {}) of the token file `path`, checked against that metadata
+    (`metadata`: its directory's). Only stats the file: opening it waits for the first read."""
+    file_dtype = _file_dtype(path, dtype, metadata)
+    size = path.stat().st_size
+    if size % file_dtype.itemsize:
+        raise DataError(
+            f"{path}: {size} bytes is not a whole number of {file_dtype.name} tokens "
+            f"({file_dtype.itemsize} bytes each); wrong dtype or a truncated file"
+        )
+    n_tokens = size // file_dtype.itemsize
+    entry = ((metadata or {}).get("files") or {}).get(path.name, {})
+    recorded = entry.get("tokens")
+    if recorded is not None and recorded != n_tokens:
+        raise DataError(
+            f"{path}: {n_tokens} tokens but {METADATA_FILE} records {recorded}; the file is damaged, prepare it again"
+        )
+    return file_dtype, n_tokens, entry
+
+
 class MemmapDataset:
     """Fixed-length instances over raw token memmaps (OLMo's layout); items are int64 tensors [seq_len],
     batches `Batch`es, with the label masks of `label_mask_paths` when given."""
@@ -124,52 +149,22 @@ class MemmapDataset:
         if not isinstance(seq_len, int) or seq_len < 1:
             raise DataError(f"seq_len={seq_len!r} must be a positive integer")
         self.seq_len = seq_len
-        self.paths = _memmap_files(paths)
+        self.paths = memmap_files(paths)
         metadata: dict[Path, dict | None] = {}
         self.dtypes: list[np.dtype] = []
         tokens: list[int] = []
-        text_bytes: list[int | None] = []
         for path in self.paths:
             if path.parent not in metadata:
                 metadata[path.parent] = read_metadata(path.parent)
-            meta = metadata[path.parent]
-            file_dtype = _file_dtype(path, dtype, meta)
-            size = path.stat().st_size
-            if size % file_dtype.itemsize:
-                raise DataError(
-                    f"{path}: {size} bytes is not a whole number of {file_dtype.name} tokens "
-                    f"({file_dtype.itemsize} bytes each); wrong dtype or a truncated file"
-                )
-            n_tokens = size // file_dtype.itemsize
-            entry = ((meta or {}).get("files") or {}).get(path.name, {})
-            recorded = entry.get("tokens")
-            if recorded is not None and recorded != n_tokens:
-                raise DataError(
-                    f"{path}: {n_tokens} tokens but {METADATA_FILE} records {recorded}; the file is damaged, "
-                    "prepare it again"
-                )
+            file_dtype, n_tokens, _ = inspect_token_file(path, dtype, metadata[path.parent])
             self.dtypes.append(file_dtype)
             tokens.append(n_tokens)
-            text_bytes.append(entry.get("bytes"))
-        # UTF-8 bytes of text per token (EOS included), for bits per byte; None without metadata to say it
-        known = None not in text_bytes and sum(tokens) > 0
-        self.bytes_per_token: float | None = sum(text_bytes) / sum(tokens) if known else None
         self.instances_per_file = [n // seq_len for n in tokens]
         self._starts = np.concatenate([[0], np.cumsum(self.instances_per_file)]).astype(np.int64)
         self.label_mask_paths = _label_mask_files(label_mask_paths, self.paths, tokens) if label_mask_paths else None
-        self._maps: dict[Path, np.memmap] = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
-
-    def __getstate__(self) -> dict:
-        """Pickle without the open memmaps (DataLoader workers reopen them)."""
-        return {**self.__dict__, "_maps": {}}
-
-    def _memmap(self, path: Path, dtype: np.dtype) -> np.memmap:
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=dtype, mode="r")
-        return self._maps[path]
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(file, first token) of instance `index` (global)."""
@@ -180,7 +175,7 @@ class MemmapDataset:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         f, start = self._locate(int(index))
-        tokens = self._memmap(self.paths[f], self.dtypes[f])[start : start + self.seq_len]
+        tokens = read_slice(self.paths[f], self.dtypes[f], start, start + self.seq_len)
         return torch.from_numpy(tokens.astype(np.int64))
 
     def get_batch(self, indices: np.ndarray | Sequence[int]) -> Batch:
@@ -191,9 +186,9 @@ class MemmapDataset:
         masks = None if self.label_mask_paths is None else np.empty(tokens.shape, dtype=np.bool_)
         for row, index in enumerate(indices):
             f, start = self._locate(int(index))
-            tokens[row] = self._memmap(self.paths[f], self.dtypes[f])[start : start + self.seq_len]
+            tokens[row] = read_slice(self.paths[f], self.dtypes[f], start, start + self.seq_len)
             if masks is not None:
-                masks[row] = self._memmap(self.label_mask_paths[f], np.dtype(np.bool_))[start : start + self.seq_len]
+                masks[row] = read_slice(self.label_mask_paths[f], np.bool_, start, start + self.seq_len)
         return Batch(torch.from_numpy(tokens), label_mask=None if masks is None else torch.from_numpy(masks))
 
 

@@ -148,7 +148,7 @@ def _shortfall(source: DataSourceConfig, count: int, available: int, instances: 
 
 class MixtureDataset:
     """The run's instances from several sources in their target ratios, with MemmapDataset's interface
-    (`len`, `seq_len`, `get_batch`, `bytes_per_token`, `paths`), so GlobalBatches orders it as one dataset.
+    (`len`, `seq_len`, `get_batch`, `paths`), so GlobalBatches orders it as one dataset.
     A batch's `source` holds each row's source, an index into `names`."""
 
     def __init__(
@@ -176,11 +176,6 @@ class MixtureDataset:
         self.counts = counts
         self._starts = np.cumsum([0, *counts], dtype=np.int64)
         self.paths = [path for dataset in self.datasets for path in dataset.paths]
-        per_token = [dataset.bytes_per_token for dataset in self.datasets]
-        # text bytes per token of the mixture as read (sources weighted by their instances), for bits per byte
-        self.bytes_per_token: float | None = (
-            None if None in per_token else sum(n * b for n, b in zip(counts, per_token)) / instances
-        )
 
     def __len__(self) -> int:
         return int(self._starts[-1])

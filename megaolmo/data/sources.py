@@ -1,9 +1,11 @@
-"""What a training run reads: its training memmaps and one held-out memmap per source, checked up front.
+"""What a training run reads: its training memmaps and its held-out groups, checked up front.
 
 `data.paths` names prepared memmaps (with `data.valid_paths` and `data.tokenizer`); `data.sources`
 instead names several sources, each with its memmaps and its share of the run (megaolmo.data.mixture);
 with neither the run trains on the built-in corpus, prepared on first use. Whichever it is, every file
-is checked against the tokenizer and the model's vocabulary before the first step.
+is checked against the tokenizer and the model's vocabulary before the first step. The held-out data
+(`data.valid_paths`, or the built-in corpus's held-out split) is split by group, a source or
+`source/domain` (megaolmo.data.held_out), each scored on its own by the in-loop evaluation.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from megaolmo.config import DataConfig
 from megaolmo.config.schema import DataSourceConfig
 from megaolmo.data.corpus import builtin_corpus
 from megaolmo.data.dataset import MemmapDataset, check_compatible
+from megaolmo.data.held_out import HeldOutGroup, held_out_groups
 from megaolmo.data.mixture import MixtureDataset, check_sources
 from megaolmo.errors import ConfigError, DataError
 
 
 class DataSources:
-    """Training memmaps (one dataset, or a mixture of sources) and held-out memmaps per source, checked
-    against the model's tokenizer and vocab."""
+    """Training memmaps (one dataset, or a mixture of sources) and held-out groups, checked against the
+    model's tokenizer and vocab."""
 
     def __init__(
         self, data: DataConfig, *, seq_len: int, vocab_size: int, progress: bool, instances: int, seed: int
@@ -48,7 +51,7 @@ class DataSources:
                 print(self.train.describe())
         else:
             self.train = MemmapDataset(train, seq_len, data.dtype)
-        self.valid = {path.stem: MemmapDataset([path], seq_len, data.dtype) for path in valid}
+        self.valid: dict[str, HeldOutGroup] = held_out_groups(valid, seq_len, dtype=data.dtype, tokenizer=tokenizer)
 
 
 def _check_mixture_config(data: DataConfig) -> None:

@@ -1,11 +1,12 @@
-"""Offline and in-loop evaluation: Paloma-style perplexity and OLMo's zero-shot downstream suite.
+"""Offline and in-loop evaluation: Paloma's perplexity and OLMo's zero-shot downstream suite.
 
-    python -m megaolmo.eval perplexity CKPT DOLMA... --tokenizer TOKENIZER.json
-    python -m megaolmo.eval downstream CKPT TASK...  --tokenizer TOKENIZER.json
+    python -m megaolmo.eval perplexity CKPT DOLMA... --tokenizer TOKENIZER.json [--tp N --pp N]
+    python -m megaolmo.eval downstream CKPT TASK...  --tokenizer TOKENIZER.json [--tp N --pp N]
 
-From Python (the training loop, a notebook), with any `model(ids) -> logits`:
+From Python (the training loop, a notebook), with any `model(ids) -> logits`, or a model sharded over
+TP x PP x DP through a `scorer` (megaolmo.eval.sharded):
 
-    score_documents(model, tokenizer, documents, max_length=, stride=, device=)  per-group loss / perplexity / bpb
+    score_documents(model, tokenizer, documents, convention="paloma", scorer=None)  per domain / source / overall
     evaluate_tasks(model, tokenizer, load_tasks(paths), normalization=None)   accuracy per task and the average
 """
 

@@ -1,12 +1,14 @@
 """python -m megaolmo.eval: perplexity per source and domain, and zero-shot downstream accuracy, of a checkpoint.
 
-    python -m megaolmo.eval perplexity CKPT DOLMA... --tokenizer TOKENIZER.json [--max-length N] [--stride N]
+    python -m megaolmo.eval perplexity CKPT DOLMA... --tokenizer TOKENIZER.json [--max-length N] [--convention NAME]
     python -m megaolmo.eval downstream CKPT TASK...  --tokenizer TOKENIZER.json [--normalization NAME]
 
 CKPT is any megaolmo checkpoint (consolidated, or a sharded training checkpoint of any layout). Both
 print a table and, with --out FILE, write the results as JSON. Under torchrun every rank loads the
-model and scores its share of the documents or examples (data parallel). A bad input stops with one
-`error:` line and exit code 2, and writes nothing; inputs are checked before the model is loaded.
+model and scores its share of the documents or examples (data parallel); with --tp N and/or --pp N the
+model is instead sharded over N-rank groups as in training (megaolmo.eval.sharded), the remaining ranks
+data parallel, so a model too big for one GPU is evaluated. A bad input stops with one `error:` line and
+exit code 2, and writes nothing; inputs are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 
 from megaolmo.data import iter_documents, load_tokenizer
 from megaolmo.data.dolma import dolma_files
-from megaolmo.data.tokenizer import vocab_size
+from megaolmo.data.tokenizer import eos_id, vocab_size
 from megaolmo.errors import EvalError, MegaolmoError, report
 from megaolmo.eval.downstream import UNCONDITIONAL_PROMPT, evaluate_tasks
-from megaolmo.eval.perplexity import score_documents
+from megaolmo.eval.perplexity import CONVENTIONS, score_documents
 from megaolmo.eval.report import check_out, downstream_table, perplexity_table, write_json
 from megaolmo.eval.runtime import DTYPES, choose_device, choose_dtype, load_model, rank_and_world, start
+from megaolmo.eval.scoring import Scorer
+from megaolmo.eval.sharded import load_sharded_model, parallel_scorer
 from megaolmo.eval.tasks import NORMALIZATIONS, load_tasks
 from megaolmo.parallel.launch import shutdown
 
@@ -41,6 +45,8 @@ def add_common(sub: argparse.ArgumentParser, batch_size: int) -> None:
     sub.add_argument("--batch-size", type=positive, default=batch_size, help=f"rows per forward pass ({batch_size})")
     sub.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
     sub.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    sub.add_argument("--tp", type=positive, default=1, help="tensor-parallel degree: shard the model over N ranks")
+    sub.add_argument("--pp", type=positive, default=1, help="pipeline-parallel degree: split the layers over N ranks")
     sub.add_argument("--out", help="write the results here as JSON")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -51,7 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("perplexity", help="loss, perplexity and bits per byte of Dolma documents per source")
     ppl.add_argument("checkpoint", metavar="CKPT", help="a megaolmo checkpoint directory")
     ppl.add_argument("paths", nargs="+", metavar="DOLMA", help="*.jsonl, *.jsonl.gz, *.json.gz files or directories")
-    ppl.add_argument("--stride", type=positive, help="tokens a window moves (default: half of --max-length)")
+    ppl.add_argument(
+        "--convention",
+        choices=CONVENTIONS,
+        default="paloma",
+        help="paloma: EOS + text, every text token predicted in lm-eval's rolling windows (Paloma's own code); "
+        "olmo-in-loop: text + EOS in disjoint chunks whose first token is context (OLMo's in-loop evaluator)",
+    )
+    ppl.add_argument(
+        "--stride",
+        type=positive,
+        help="paloma only: tokens each window after the first predicts (default: --max-length, Paloma's disjoint "
+        "windows); smaller gives every token more context, at more forward passes",
+    )
+    ppl.add_argument("--domains", action="store_true", help="also print every domain's line (always in --out)")
     ppl.add_argument("--per-document", action="store_true", help="also write each document's numbers to --out")
     add_common(ppl, batch_size=8)
     down = commands.add_parser("downstream", help="rank-classification accuracy on multiple-choice tasks")
@@ -74,29 +93,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = choose_device(args.device)
     dtype = choose_dtype(args.dtype, device)
     start(device)
-    model = load_model(args.checkpoint, device, dtype)
+    scorer: Scorer | None = None  # with a sharded model, every rank scores every row through it
+    if args.tp * args.pp > 1:
+        model = load_sharded_model(args.checkpoint, tp=args.tp, pp=args.pp, device=device, dtype=dtype)
+        scorer = parallel_scorer(model, args.batch_size, eos_id(tokenizer))
+    else:
+        model = load_model(args.checkpoint, device, dtype)
     if vocab_size(tokenizer) > model.config.vocab_size:
         raise EvalError(
             f"tokenizer {args.tokenizer} has {vocab_size(tokenizer)} ids but the model's vocab is "
             f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
         )
     rank, world = rank_and_world()
-    common = {"device": device, "batch_size": args.batch_size, "progress": not args.no_progress}
+    common = {"device": device, "batch_size": args.batch_size, "progress": not args.no_progress, "scorer": scorer}
     if files is not None:
-        options = {**common, "per_document": args.per_document}
+        options = {**common, "per_document": args.per_document, "convention": args.convention}
         results = score_documents(
             model, tokenizer, iter_documents(files), max_length=args.max_length, stride=args.stride, **options
         )
         if results["overall"]["documents"] == 0:
             raise EvalError(f"no documents in {', '.join(map(str, files))}")
-        table = perplexity_table(results)
+        table = perplexity_table(results, domains=args.domains)
     else:
         options = {**common, "per_example": args.per_example, "max_length": args.max_length}
         options.update(normalization=args.normalization, unconditional_prompt=args.unconditional_prompt)
         results = evaluate_tasks(model, tokenizer, tasks, **options)
         table = downstream_table(results)
     header = {"command": args.command, "checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer)}
-    results = {**header, "dtype": str(dtype).removeprefix("torch."), "world_size": world, **results}
+    layout = {"tp": args.tp, "pp": args.pp, "dp": world // (args.tp * args.pp)}
+    results = {**header, "dtype": str(dtype).removeprefix("torch."), "world_size": world, "layout": layout, **results}
     if rank == 0:
         print(table)
         if out is not None:

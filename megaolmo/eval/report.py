@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megaolmo.data.groups import source_of_group
 from megaolmo.errors import EvalError
 
 
@@ -15,15 +16,36 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def perplexity_table(results: dict[str, Any]) -> str:
-    """One line per group, then the overall line."""
-    rows = [(name, summary) for name, summary in results["groups"].items()] + [("overall", results["overall"])]
-    width = max(12, *(len(name) for name, _ in rows))
-    lines = [f"{'group':<{width}} {'docs':>8} {'tokens':>12} {'bytes':>12} {'loss':>8} {'perplexity':>12} {'bpb':>8}"]
-    for name, s in rows:
+def perplexity_table(results: dict[str, Any], *, domains: bool = False) -> str:
+    """One line per source, then the overall line; with `domains`, each source's domains under it.
+
+    Paloma has 585 domains in 16 sources, so the default table stays one screen long: a source's line
+    gives its token-weighted numbers and the average of its domains' perplexities (Paloma's headline);
+    every domain's numbers are always in the JSON under "groups".
+    """
+    named = [(name, s, False) for name, s in results["sources"].items()]
+    named.append(("overall", {**results["overall"], "domain_average": results["domain_average"]}, False))
+    if domains:
+        by_source: dict[str, list[str]] = {}
+        for group in results["groups"]:
+            by_source.setdefault(source_of_group(group), []).append(group)
+        with_domains = []
+        for entry in named:
+            groups = by_source.get(entry[0], [])
+            with_domains.append(entry)
+            if groups != [entry[0]]:  # a source without domains is its own single group: no second line
+                with_domains += [(f"  {group}", results["groups"][group], True) for group in groups]
+        named = with_domains
+    width = max(12, *(len(name) for name, _, _ in named))
+    header = f"{'source':<{width}} {'domains':>7} {'docs':>8} {'tokens':>12} {'bytes':>12} {'loss':>8}"
+    lines = [f"{header} {'perplexity':>12} {'bpb':>8} {'domain-avg ppl':>14}"]
+    for name, s, is_domain in named:
+        count = "" if is_domain else s["domain_average"]["domains"]
+        average = "" if is_domain else _number(s["domain_average"]["perplexity"], 3)
         lines.append(
-            f"{name:<{width}} {s['documents']:>8} {s['tokens']:>12} {s['bytes']:>12} {_number(s['loss'], 4):>8} "
-            f"{_number(s['perplexity'], 3):>12} {_number(s['bits_per_byte'], 4):>8}"
+            f"{name:<{width}} {count:>7} {s['documents']:>8} {s['tokens']:>12} {s['bytes']:>12} "
+            f"{_number(s['loss'], 4):>8} {_number(s['perplexity'], 3):>12} {_number(s['bits_per_byte'], 4):>8} "
+            f"{average:>14}".rstrip()
         )
     return "\n".join(lines)
 

@@ -1,9 +1,9 @@
 """Where evaluation runs: the device, the dtype, the model, and (under torchrun) this rank's share.
 
-Evaluation is data parallel only: every rank holds the whole model (read from a consolidated or a
-sharded checkpoint of any training layout), scores every `world`-th document or example, and the
+Without --tp/--pp evaluation is data parallel: every rank holds the whole model (read from a consolidated
+or a sharded checkpoint of any training layout), scores every `world`-th document or example, and the
 per-item results are gathered so every rank ends with the same totals. One process needs no process
-group at all.
+group at all. (A model sharded over TP x PP is megaolmo.eval.sharded's.)
 """
 
 from __future__ import annotations
