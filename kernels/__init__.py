@@ -9,13 +9,16 @@ Public API, each differentiable and each with the semantics of `reference`:
 
 The Triton versions are imported on first use, so megaolmo imports (and runs
 with `kernels=torch`) where Triton is not installed. On CPU they run only under
-`TRITON_INTERPRET=1`, set before triton is imported.
+`TRITON_INTERPRET=1`, set before triton is imported. Each is a torch custom op
+(`torch.ops.megaolmo.*`, forward and backward, with a fake implementation for
+shapes), so `model.compile` captures a block whole around them and calls the
+kernels as they are: no compiler traces into a kernel that Triton's interpreter
+runs, and on CUDA they are already fused.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 from types import ModuleType
 from typing import Any
@@ -50,7 +53,9 @@ def get(backend: str, device: torch.device) -> ModuleType:
         return reference
     if not triton_available():
         raise RuntimeError("kernels=triton needs Triton: pip install triton, or set model.kernels=torch")
-    return importlib.import_module("megaolmo.kernels.fused")
+    from megaolmo.kernels import fused  # an import statement, which torch.compile traces (import_module it skips)
+
+    return fused
 
 
 def __getattr__(name: str) -> Any:

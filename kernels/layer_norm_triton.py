@@ -43,47 +43,68 @@ def _layer_norm_backward(DY, Y, RSTD, DX, stride_dy, stride_y, stride_dx, N, BLO
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        check_device(x)
-        rows = as_rows(x)
-        n_rows, width = rows.shape
-        block, num_warps = row_settings(width)
-        y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        if n_rows:
-            _layer_norm_forward[(n_rows,)](
-                rows, y, rstd, rows.stride(0), y.stride(0), width, eps, BLOCK=block, num_warps=num_warps
-            )
-        y = y.view(x.shape)
-        ctx.save_for_backward(y, rstd)
-        return y
+@torch.library.custom_op("megaolmo::layer_norm", mutates_args=())
+def _layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): the normalized rows in x's shape and dtype, and each row's fp32 rstd."""
+    check_device(x)
+    rows = as_rows(x)
+    n_rows, width = rows.shape
+    block, num_warps = row_settings(width)
+    y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        _layer_norm_forward[(n_rows,)](
+            rows, y, rstd, rows.stride(0), y.stride(0), width, eps, BLOCK=block, num_warps=num_warps
+        )
+    return y.view(x.shape), rstd
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
-        y, rstd = ctx.saved_tensors
-        y_rows = y.view(-1, y.shape[-1])
-        dy_rows = as_rows(dy)
-        n_rows, width = y_rows.shape
-        block, num_warps = row_settings(width)
-        dx = torch.empty_like(y_rows)
-        if n_rows:
-            _layer_norm_backward[(n_rows,)](
-                dy_rows,
-                y_rows,
-                rstd,
-                dx,
-                dy_rows.stride(0),
-                y_rows.stride(0),
-                dx.stride(0),
-                width,
-                BLOCK=block,
-                num_warps=num_warps,
-            )
-        return dx.view(y.shape), None
+
+@_layer_norm.register_fake
+def _(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("megaolmo::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    y_rows = y.view(-1, y.shape[-1])
+    dy_rows = as_rows(dy)
+    n_rows, width = y_rows.shape
+    block, num_warps = row_settings(width)
+    dx = torch.empty_like(y_rows)
+    if n_rows:
+        _layer_norm_backward[(n_rows,)](
+            dy_rows,
+            y_rows,
+            rstd,
+            dx,
+            dy_rows.stride(0),
+            y_rows.stride(0),
+            dx.stride(0),
+            width,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return dx.view(y.shape)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output)
+
+
+def _backward(ctx, dy: torch.Tensor, _drstd: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    y, rstd = ctx.saved_tensors
+    return _layer_norm_backward_op(dy, y, rstd), None
+
+
+_layer_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim, no weight or bias, fp32 statistics, output in x's dtype."""
-    return _LayerNorm.apply(x, eps)
+    return _layer_norm(x, eps)[0]

@@ -78,56 +78,83 @@ def _backward_programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        check_device(x, weight)
-        if weight.shape != x.shape[-1:]:
-            raise ValueError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},)")
-        rows = as_rows(x)
-        weight = weight.contiguous()
-        n_rows, width = rows.shape
-        block, num_warps = row_settings(width)
-        y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        if n_rows:
-            _rms_norm_forward[(n_rows,)](
-                rows, weight, y, rstd, rows.stride(0), y.stride(0), width, eps, BLOCK=block, num_warps=num_warps
-            )
-        ctx.save_for_backward(rows, weight, rstd)
-        ctx.input_shape = x.shape
-        return y.view(x.shape)
+@torch.library.custom_op("megaolmo::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): the normalized rows times the weight in x's shape and dtype, and each row's fp32 rstd."""
+    check_device(x, weight)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},)")
+    rows = as_rows(x)
+    weight = weight.contiguous()
+    n_rows, width = rows.shape
+    block, num_warps = row_settings(width)
+    y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        _rms_norm_forward[(n_rows,)](
+            rows, weight, y, rstd, rows.stride(0), y.stride(0), width, eps, BLOCK=block, num_warps=num_warps
+        )
+    return y.view(x.shape), rstd
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        rows, weight, rstd = ctx.saved_tensors
-        dy_rows = as_rows(dy)
-        n_rows, width = rows.shape
-        block, num_warps = row_settings(width)
-        rows_per_program = max(triton.cdiv(n_rows, _backward_programs(rows.device)), 1)
-        programs = triton.cdiv(n_rows, rows_per_program)
-        dx = torch.empty((n_rows, width), dtype=rows.dtype, device=rows.device)
-        dw_partial = torch.empty((programs, width), dtype=torch.float32, device=rows.device)
-        if programs:
-            _rms_norm_backward[(programs,)](
-                dy_rows,
-                rows,
-                weight,
-                rstd,
-                dx,
-                dw_partial,
-                dy_rows.stride(0),
-                rows.stride(0),
-                dx.stride(0),
-                n_rows,
-                width,
-                rows_per_program,
-                BLOCK=block,
-                num_warps=num_warps,
-            )
-        return dx.view(ctx.input_shape), dw_partial.sum(0).to(weight.dtype), None
+
+@_rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("megaolmo::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) from the saved input, weight and rstd."""
+    rows, weight = as_rows(x), weight.contiguous()
+    dy_rows = as_rows(dy)
+    n_rows, width = rows.shape
+    block, num_warps = row_settings(width)
+    rows_per_program = max(triton.cdiv(n_rows, _backward_programs(rows.device)), 1)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dx = torch.empty((n_rows, width), dtype=rows.dtype, device=rows.device)
+    dw_partial = torch.empty((programs, width), dtype=torch.float32, device=rows.device)
+    if programs:
+        _rms_norm_backward[(programs,)](
+            dy_rows,
+            rows,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            dy_rows.stride(0),
+            rows.stride(0),
+            dx.stride(0),
+            n_rows,
+            width,
+            rows_per_program,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _backward(ctx, dy: torch.Tensor, _drstd: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, None]:
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = _rms_norm_backward_op(dy, x, weight, rstd)
+    return dx, dweight, None
+
+
+_rms_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim times `weight`, fp32 statistics, output in x's dtype (see reference.rms_norm)."""
-    return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm(x, weight, eps)[0]

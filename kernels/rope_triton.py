@@ -127,18 +127,36 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q_out, k_out
 
 
-class _RoPE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        check_device(q, k, cos, sin)
-        ctx.save_for_backward(cos, sin)
-        return _rotate(q, k, cos, sin, sign=1)
+@torch.library.custom_op("megaolmo::rope", mutates_args=())
+def _rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by `sign` times the angles (-1: the backward, the inverse rotation)."""
+    check_device(q, k, cos, sin)
+    return _rotate(q, k, cos, sin, sign=sign)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq, dk = _rotate(dq, dk, cos, sin, sign=-1)
-        return dq, dk, None, None
+
+@_rope.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, cos, sin, sign = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.sign = sign
+
+
+def _backward(ctx, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rope(dq, dk, cos, sin, -ctx.sign)
+    return dq, dk, None, None, None
+
+
+_rope.register_autograd(_backward, setup_context=_setup_context)
 
 
 def apply_rope(
@@ -146,4 +164,4 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [s, b, heads, hd] and k [s, b, kv_heads, hd] by fp32 cos/sin [s, hd // 2] (or per token,
     [s, b, hd // 2]); one launch for both."""
-    return _RoPE.apply(q, k, cos, sin)
+    return _rope(q, k, cos, sin, 1)

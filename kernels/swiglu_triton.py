@@ -46,34 +46,53 @@ def _grid(n_rows: int, width: int) -> tuple[int, int]:
     return (n_rows, triton.cdiv(width, BLOCK))
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        check_device(x)
-        if x.shape[-1] % 2:
-            raise ValueError(f"swiglu needs an even last dim ([up | gate]), got {x.shape[-1]}")
-        rows = as_rows(x)
-        n_rows, width = rows.shape[0], rows.shape[1] // 2
-        y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
-        if y.numel():
-            _swiglu_forward[_grid(n_rows, width)](rows, y, rows.stride(0), y.stride(0), width, BLOCK=BLOCK)
-        ctx.save_for_backward(rows)
-        ctx.input_shape = x.shape
-        return y.view(*x.shape[:-1], width)
+@torch.library.custom_op("megaolmo::swiglu", mutates_args=())
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
+    check_device(x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim ([up | gate]), got {x.shape[-1]}")
+    rows = as_rows(x)
+    n_rows, width = rows.shape[0], rows.shape[1] // 2
+    y = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
+    if y.numel():
+        _swiglu_forward[_grid(n_rows, width)](rows, y, rows.stride(0), y.stride(0), width, BLOCK=BLOCK)
+    return y.view(*x.shape[:-1], width)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        (rows,) = ctx.saved_tensors
-        dy_rows = as_rows(dy)
-        n_rows, width = rows.shape[0], rows.shape[1] // 2
-        dx = torch.empty((n_rows, 2 * width), dtype=rows.dtype, device=rows.device)
-        if dx.numel():
-            _swiglu_backward[_grid(n_rows, width)](
-                dy_rows, rows, dx, dy_rows.stride(0), rows.stride(0), dx.stride(0), width, BLOCK=BLOCK
-            )
-        return dx.view(ctx.input_shape)
+
+@_swiglu.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("megaolmo::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    rows, dy_rows = as_rows(x), as_rows(dy)
+    n_rows, width = rows.shape[0], rows.shape[1] // 2
+    dx = torch.empty((n_rows, 2 * width), dtype=rows.dtype, device=rows.device)
+    if dx.numel():
+        _swiglu_backward[_grid(n_rows, width)](
+            dy_rows, rows, dx, dy_rows.stride(0), rows.stride(0), dx.stride(0), width, BLOCK=BLOCK
+        )
+    return dx.view(x.shape)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    return _swiglu_backward_op(dy, x)
+
+
+_swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for x = [..., 2F] laid out as [up | gate] (OLMo's order)."""
-    return _SwiGLU.apply(x)
+    return _swiglu(x)

@@ -58,6 +58,7 @@ class Layout:
     micro_batch_size: int = 1
     z_loss: float = 1e-3
     document_masking: bool = False  # attention within the documents of global_batch(True), with its target masks
+    loss_chunk_tokens: int | None = None  # the loss's logits a chunk of tokens at a time (one process: all at once)
 
     @property
     def world_size(self) -> int:
@@ -91,7 +92,7 @@ def train(layout: Layout, config: ModelConfig) -> dict:
     document masking, the summed loss of an evaluation after them too)."""
     model = ParallelOLMo(
         config, layout.parallel_config(), seed=7, z_loss_multiplier=layout.z_loss,
-        document_masking=layout.document_masking,
+        document_masking=layout.document_masking, loss_chunk_tokens=layout.loss_chunk_tokens,
     )  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     input_ids, labels = global_batch(layout.document_masking)

@@ -45,6 +45,7 @@ class Run:
     name: str
     parallel: dict = field(default_factory=dict)
     bf16: bool = False
+    loss_chunk_tokens: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -95,7 +96,8 @@ def peak_live_bytes(prof: profile) -> int:
 def train_two_steps(run: Run, device: str = "cpu") -> ParallelOLMo:
     """Build the model and optimizer and take two steps as megaolmo.train does (its optimizer, clipping)."""
     dtype = torch.bfloat16 if run.bf16 else torch.float32
-    model = ParallelOLMo(MODEL, ParallelConfig(device=device, **run.parallel), seed=0, param_dtype=dtype)
+    model = ParallelOLMo(MODEL, ParallelConfig(device=device, **run.parallel), seed=0, param_dtype=dtype,
+                         loss_chunk_tokens=run.loss_chunk_tokens)  # fmt: skip
     optimizer = build_optimizer(model.named_parameters(), OptimConfig(), model.mesh.device)
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)

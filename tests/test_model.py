@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from helpers import small_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megaolmo import ModelConfig, build_model
 from megaolmo.convert.hf import config_to_hf, state_to_hf
@@ -149,6 +151,55 @@ def test_sliding_window_attention_sees_the_window_and_itself() -> None:
         expected = torch.einsum("bhj,jbhd->bhd", scores.softmax(-1), v[keys])
         torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(causal_attention(q, k, v, "sdpa", window=9), causal_attention(q, k, v, "sdpa"))
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (windowed) attention in float64 from its definition, k/v heads repeated for GQA: [s, b, h, hd]."""
+    s, groups = q.shape[0], q.shape[2] // k.shape[2]
+    k, v = (t.double().repeat_interleave(groups, dim=2) for t in (k, v))
+    scores = torch.einsum("ibhd,jbhd->bhij", q.double(), k) / q.shape[-1] ** 0.5
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    return torch.einsum("bhij,jbhd->ibhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+class AtenOps(TorchDispatchMode):
+    """The aten ops run under it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "window3"])
+def test_sdpa_attention_reads_strided_heads_and_copies_nothing_on_cpu(window: int | None) -> None:
+    """fp32 GQA on the fused kernel (flash only allowed: no math fallback), q/k/v the views the block makes,
+    and the output already in [s, b, heads, hd] order: no copy in, none out, k/v never expanded."""
+    from megaolmo.model.olmo import causal_attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(10, 2, (4 + 2 + 2) * 8)  # [s, b, q + k + v] as att_proj writes it; 4 query heads, 2 k/v
+    q, k, v = (t.view(10, 2, -1, 8) for t in qkv.split([32, 16, 16], dim=-1))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), AtenOps() as ops:
+        out = causal_attention(q, k, v, "sdpa", window=window)
+    copies = {"clone", "contiguous", "copy_", "_to_copy", "repeat_interleave", "index_select", "expand"}
+    assert not copies & {name.split(".")[0] for name in ops.names}, ops.names
+    assert out.is_contiguous()  # the reshape feeding attn_out is a view
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, window), rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_expands_k_and_v_only_where_sdpa_would_fall_back_to_the_math_kernel() -> None:
+    from megaolmo.model.olmo import sdpa_takes_gqa
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert sdpa_takes_gqa("cpu", dtype, masked=True) and sdpa_takes_gqa("cpu", dtype, masked=False)
+    assert sdpa_takes_gqa("cuda", torch.bfloat16, masked=False) and sdpa_takes_gqa("cuda", torch.float16, masked=False)
+    assert not sdpa_takes_gqa("cuda", torch.float32, masked=False)  # flash has no fp32: memory-efficient, expanded
+    assert not sdpa_takes_gqa("cuda", torch.bfloat16, masked=True)  # flash takes no mask
 
 
 def test_olmo3_layer_types_and_yarn_placement() -> None:

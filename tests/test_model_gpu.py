@@ -56,3 +56,28 @@ def test_olmo3_triton_kernels_match_torch_references() -> None:
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
     for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
         assert ((b.grad - a.grad).abs().max() / a.grad.abs().max()).item() < 1e-3, name
+
+
+@pytest.mark.parametrize(
+    ("dtype", "window", "kernel"),
+    [
+        (torch.float32, None, "EFFICIENT_ATTENTION"),  # no fp32 flash: k/v expanded for the memory-efficient kernel
+        (torch.bfloat16, None, "FLASH_ATTENTION"),  # flash's own GQA, k/v not expanded
+        (torch.bfloat16, 48, "EFFICIENT_ATTENTION"),  # a window is a mask, which flash does not take
+    ],
+)
+def test_gqa_attention_runs_on_a_fused_kernel_never_the_math_one(dtype: torch.dtype, window, kernel: str) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megaolmo.model.olmo import causal_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(256, 2, 8, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(256, 2, 2, 64, device="cuda", dtype=dtype) for _ in range(2))
+    with sdpa_kernel([getattr(SDPBackend, kernel)]):  # raises if SDPA wanted another kernel (the math one)
+        out = causal_attention(q, k, v, "sdpa", window=window)
+    with sdpa_kernel([SDPBackend.MATH]):
+        kk, vv = (t.repeat_interleave(4, dim=2) for t in (k, v))
+        expected = causal_attention(q.double(), kk.double(), vv.double(), "sdpa", window=window)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < tolerance

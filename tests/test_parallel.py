@@ -58,6 +58,17 @@ def _layouts() -> list[Layout]:
         Layout("docs_tp2_sp_pp2_selective_ckpt", "untied_gqa", {"tp": 2, "pp": 2, "sequence_parallel": True,
                                                                 "activation_checkpointing": "selective"}),
     ]  # fmt: skip
+    # The loss a few tokens of logits at a time (5 of a micro-batch's 16 or 32: the last chunk shorter), against
+    # one process forming the whole logits: a tied head under SP (gathered input), an untied one (its input kept
+    # as the sequence shard, regathered in backward), with a pipeline and document masks.
+    chunked = [
+        Layout("chunked_loss_tp2_pp2_dp2_sp", "tied", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True},
+               loss_chunk_tokens=5),
+        Layout("chunked_loss_tp2_sp_untied", "untied_gqa", {"tp": 2, "sequence_parallel": True}, 2,
+               loss_chunk_tokens=5),
+        Layout("chunked_loss_docs_pp2_dp2", "untied_gqa", {"pp": 2, "dp": 2}, document_masking=True,
+               loss_chunk_tokens=5),
+    ]  # fmt: skip
     layouts += extra + [dataclasses.replace(layout, document_masking=True) for layout in documents]
     twins = [dataclasses.replace(layout, name=f"{layout.name}_olmo3", model="olmo3") for layout in layouts]
     olmo2 = [
@@ -65,7 +76,7 @@ def _layouts() -> list[Layout]:
         for layout in extra
         if layout.parallel.get("sequence_parallel")
     ]
-    return layouts + twins + olmo2
+    return layouts + twins + olmo2 + chunked
 
 
 LAYOUTS = _layouts()

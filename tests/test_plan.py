@@ -28,7 +28,11 @@ from megaolmo.plan.search import candidate_layouts, search
 from megaolmo.plan.timing import attention_forward
 
 TOLERANCE = 0.10
-SINGLE = [Run("single_fp32"), Run("single_bf16", bf16=True)]
+SINGLE = [
+    Run("single_fp32"),
+    Run("single_bf16", bf16=True),
+    Run("single_bf16_chunked_loss", bf16=True, loss_chunk_tokens=64),  # 4 chunks of a micro-batch's 256 tokens
+]
 SPAWNED = [
     Run("tp2_sp", {"tp": 2, "sequence_parallel": True}),
     Run("tp2_selective_recompute", {"tp": 2, "activation_checkpointing": "selective"}, bf16=True),
@@ -51,7 +55,9 @@ HAND_WORK = Workload(HAND_MODEL, 128, 16, False, "cpu", "torch", False, False)
 
 
 def plan_for(run: Run, device: str = "cpu") -> Plan:
-    work = Workload(MODEL, SEQ_LEN, GLOBAL_BATCH, run.bf16, device, MODEL.kernels, device == "cuda", False)
+    work = Workload(
+        MODEL, SEQ_LEN, GLOBAL_BATCH, run.bf16, device, MODEL.kernels, device == "cuda", False, run.loss_chunk_tokens
+    )
     layout = Layout(micro_batch_size=MICRO_BATCH, **run.parallel)
     return make_plan(work, layout, dataclasses.replace(TEST_HARDWARE, device=device))
 
@@ -146,6 +152,10 @@ def test_communication_volumes_on_hand_checked_cases() -> None:
     assert flows["dp_gather"].bytes_per_step == (2 * 2 * blocks + 2 * 2 * root) * 2 * 0.5
     assert flows["dp_scatter"].bytes_per_step == (blocks + root) * 4 * 0.5  # fp32 gradients, once per step
     assert flows["dp_gather"].bytes_per_second == TEST_HARDWARE.intra_node_bytes_per_s  # 2 ranks in a node
+    fp8 = Placement(dataclasses.replace(dp.work, fp8_all_gather=True), dp.layout)
+    flows = {flow.kind: flow for flow in traffic(fp8, fp8.ranks()[0], TEST_HARDWARE)}
+    linears = 4 * fp8.block_linear_params  # OLMo-1's blocks are all linears: one byte each, the root stays bf16
+    assert linears == blocks and flows["dp_gather"].bytes_per_step == (2 * 2 * linears * 1 + 2 * 2 * root * 2) * 0.5
 
 
 def test_search_returns_only_feasible_layouts_fastest_first() -> None:

@@ -10,6 +10,9 @@ it measures the layout given by --tp/--pp (no transformers column then).
 Where the device has no FP8 GEMM (CPU, GPUs below sm_89) torchao's FP8 is
 emulated, high-precision matmuls after the float8 casts: its row is named
 "megaolmo torchao (emulated FP8)", a check of the wiring, not FP8's speed.
+Then a row per throughput lever (`--levers`): compiled blocks (model.compile), the loss a chunk of
+tokens at a time (trainer.loss_chunk_tokens) and, under torchrun with data parallelism, the FP8
+all-gather (fp8.all_gather); `step peak MiB` is what one step allocates above what lives before it.
 """
 
 from __future__ import annotations
@@ -18,18 +21,29 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from megaolmo.config import ClusterConfig, ModelConfig, ParallelConfig
+from megaolmo.config import ClusterConfig, Fp8Config, ModelConfig, ParallelConfig
 from megaolmo.convert.hf import config_to_hf, state_to_hf
 from megaolmo.model.engine import ParallelOLMo
 from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
-from megaolmo.model.fp8 import apply_tf32, has_fp8_gemm
+from megaolmo.model.fp8 import apply_tf32, has_fp8_gemm, precompute_fp8_scales
 from megaolmo.parallel.launch import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.tables import write_rows
+
+LEVERS = ("compile", "chunked-loss", "fp8-all-gather")
+
+
+def default_levers(device: torch.device) -> list[str]:
+    """Every lever on a GPU; on CPU all but compile, whose first step (inductor generating C++) takes longer
+    than the rest of the benchmark: `--levers compile ...` asks for it."""
+    return list(LEVERS) if device.type == "cuda" else [lever for lever in LEVERS if lever != "compile"]
 
 
 def available_linears(device: torch.device) -> list[str]:
@@ -57,8 +71,12 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def megaolmo_step(config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, ids: torch.Tensor, micro: int):
-    model = ParallelOLMo(config, parallel, seed=0, param_dtype=dtype)
+def megaolmo_step(
+    config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, ids: torch.Tensor, micro: int, **options
+):
+    """A training step of megaolmo on `ids`; `options` go to ParallelOLMo (a lever such as loss_chunk_tokens)."""
+    model = ParallelOLMo(config, parallel, seed=0, param_dtype=dtype, **options)
+    fp8 = options.get("fp8") or Fp8Config()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=model.mesh.device.type == "cuda")
     labels = torch.roll(ids, -1, dims=1)
     share = ids.shape[0] // model.mesh.dp
@@ -69,6 +87,7 @@ def megaolmo_step(config: ModelConfig, parallel: ParallelConfig, dtype: torch.dt
         model.forward_backward(ids[rows], labels[rows], micro_batch_size=micro)
         model.clip_grad_norm_(1.0)
         optimizer.step()
+        precompute_fp8_scales(model.stages, fp8)  # with fp8.all_gather, as the training loop does
 
     return model, step
 
@@ -120,17 +139,24 @@ def run(args: argparse.Namespace) -> int:
     tokens = ids.numel()
     peak = peak_flops_per_device(ClusterConfig(peak_tflops=args.peak_tflops), device, dtype) * world
     step_flops = flops_per_token(config, seq_len) * tokens
-    rows, baseline = [], None
-    linears = [linear for linear in args.linears if linear in available_linears(device)]
-    for linear in linears:
+    rows: list[dict] = []
+    baseline = None
+
+    def measure(name: str, model_config: ModelConfig, **options) -> tuple[ParallelOLMo, object]:
+        """Time megaolmo's step with this model and these engine options, and add its row."""
+        nonlocal baseline
         reset_peak_memory(device)
-        model, step = megaolmo_step(
-            dataclasses.replace(config, linear=linear), parallel, dtype, ids, args.micro_batch_size
-        )
+        model, step = megaolmo_step(model_config, parallel, dtype, ids, args.micro_batch_size, **options)
         seconds = _timed(step, args.steps, args.warmup, device)
         baseline = baseline or seconds
-        name = f"megaolmo {linear}" + (" (emulated FP8)" if model.fp8_emulated else "")
-        rows.append(_row(name, seconds, tokens, step_flops, peak, baseline, device))
+        name += " (emulated FP8)" if model.fp8_emulated else ""
+        row = _row(name, seconds, tokens, step_flops, peak, baseline, device)
+        rows.append({**row, "step peak MiB": round(step_peak_bytes(step, device) / 2**20, 1)})
+        return model, step
+
+    linears = [linear for linear in args.linears if linear in available_linears(device)]
+    for linear in linears:
+        model, step = measure(f"megaolmo {linear}", dataclasses.replace(config, linear=linear))
         hf_step = None
         if linear == "torch" and world == 1 and args.transformers:
             if importlib.util.find_spec("transformers") is None:  # an optional column: say so, time the rest
@@ -141,8 +167,22 @@ def run(args: argparse.Namespace) -> int:
         if hf_step is not None:
             reset_peak_memory(device)
             hf_seconds = _timed(hf_step, args.steps, args.warmup, device)
-            rows.append(_row("transformers", hf_seconds, tokens, step_flops, peak, baseline, device))
+            row = _row("transformers", hf_seconds, tokens, step_flops, peak, baseline, device)
+            rows.append({**row, "step peak MiB": round(step_peak_bytes(hf_step, device) / 2**20, 1)})
             del hf_step
+    # The throughput levers, each on megaolmo's torch GEMMs beside the plain row above.
+    levers = args.levers if args.levers is not None else default_levers(device)
+    if "compile" in levers:  # the first (warm-up) step compiles; the timed ones run the compiled blocks
+        measure("megaolmo torch, compiled blocks", dataclasses.replace(config, compile=True))
+    if "chunked-loss" in levers:
+        chunk = args.loss_chunk_tokens
+        measure(f"megaolmo torch, loss {chunk} tokens at a time", config, loss_chunk_tokens=chunk)
+    if "fp8-all-gather" in levers and "torchao" in linears:
+        name = "megaolmo torchao, FP8 all-gather"
+        if dp > 1:
+            measure(name, dataclasses.replace(config, linear="torchao"), fp8=Fp8Config(all_gather=True))
+        else:  # FSDP gathers nothing on one data-parallel rank
+            rows.append({"implementation": name, "note": "skipped: needs data parallelism (torchrun, dp > 1)"})
     if is_rank_zero():
         where = (
             torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -152,6 +192,31 @@ def run(args: argparse.Namespace) -> int:
         write_rows(rows, args.out)
     shutdown(clean=True)
     return 0
+
+
+def step_peak_bytes(step, device: torch.device) -> int:
+    """The most memory one more step allocates above what is alive before it (activations, gradients,
+    temporaries): CUDA's allocator peak, or on CPU the tensors' allocations and frees that torch.profiler
+    records, added up in time order (the resident-set peak of a CPU process cannot be reset between rows)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as directory:  # the allocations, with their sizes, are in the trace
+        trace = Path(directory) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    changes = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -191,6 +256,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, help="datasheet peak per device for MFU (default: measured)")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false",
                         help="skip the transformers column (Olmo, Olmo2 or Olmo3ForCausalLM)")  # fmt: skip
+    parser.add_argument("--levers", nargs="*", choices=LEVERS,
+                        help="throughput levers, a row each beside plain megaolmo torch (default: all; on CPU all "
+                             "but compile)")  # fmt: skip
+    parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                        help="the chunked-loss row's trainer.loss_chunk_tokens")  # fmt: skip
     parser.add_argument("--out", help="also write the rows to this .csv or .json file")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false",
                         help="fp32 matmuls in full fp32 on CUDA (default: TF32, as trainer.tf32)")  # fmt: skip

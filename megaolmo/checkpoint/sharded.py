@@ -52,7 +52,7 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_ONLY = "weights"  # trainer_state["contents"] of final weights, which hold no optimizer state
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Fields that change how the model computes, not the weights it has: free to differ on resume.
-RUNTIME_FIELDS = ("attention", "kernels", "linear", "embedding_size")
+RUNTIME_FIELDS = ("attention", "kernels", "linear", "compile", "embedding_size")
 
 
 def _distributed() -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megaolmo.config.schema import Config, ModelConfig, ParallelConfig
+from megaolmo.config.schema import Config, Fp8Config, ModelConfig, ParallelConfig
 from megaolmo.errors import ConfigError, WorldSizeError
 
 
@@ -58,6 +58,21 @@ class ResolvedLayout:
     stage_layers: tuple[int, ...]  # blocks of each of the pp x vp pipeline stages
 
 
+def check_async_tp(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Async TP overlaps what inductor's micro-pipeline pass finds in a compiled graph: sequence parallelism's
+    all-gather before a column-parallel GEMM and reduce-scatter after a row-parallel one (CUDA is checked where
+    the device is known, megaolmo.model.parallelize)."""
+    if not model.compile:
+        raise ConfigError("parallel.async_tp=true needs model.compile=true (the overlap is a compiler pass)")
+    if parallel.tp == 1:
+        raise ConfigError("parallel.async_tp=true needs parallel.tp > 1 (there is no TP communication to overlap)")
+    if not parallel.sequence_parallel:
+        raise ConfigError(
+            "parallel.async_tp=true needs parallel.sequence_parallel=true (it overlaps all-gathers and "
+            "reduce-scatters, not all-reduces)"
+        )
+
+
 def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ResolvedLayout:
     """Check a layout against the world size and the model before any group or tensor exists."""
     dp = resolve_dp(parallel, world_size)
@@ -74,6 +89,11 @@ def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int
             raise ConfigError(f"model.{name}={getattr(model, name)} is not divisible by parallel.tp={tp}")
     if parallel.vp > 1 and parallel.pp == 1:
         raise ConfigError(f"parallel.vp={parallel.vp} needs parallel.pp > 1")
+    if model.compile and model.linear == "te":
+        raise ConfigError(
+            "model.compile=true with model.linear=te: torch.compile does not trace Transformer Engine's modules; "
+            "use model.linear=torchao (FP8 that compiles) or model.compile=false"
+        )
     if model.linear == "te" and parallel.activation_checkpointing == "full":
         # torch's checkpoint recomputes a block in backward, outside te.fp8_autocast (TE issue 415);
         # selective recomputes the attention core alone, which has no TE GEMM.
@@ -81,6 +101,8 @@ def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int
             "parallel.activation_checkpointing=full with model.linear=te recomputes outside fp8_autocast; "
             "use activation_checkpointing=selective or none, or model.linear=torchao"
         )
+    if parallel.async_tp:
+        check_async_tp(model, parallel)
     stage_layers = stage_layer_counts(model.n_layers, parallel.pp * parallel.vp, parallel.pp_layer_split)
     if model.embedding_size is None:
         multiple = 128 * tp
@@ -91,6 +113,19 @@ def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int
             "set it to a multiple of tp, or to null to pad automatically"
         )
     return ResolvedLayout(model=model, parallel=parallel, dp=dp, stage_layers=tuple(stage_layers))
+
+
+def check_fp8_all_gather(linear: str, fp8: Fp8Config, dp: int) -> None:
+    """fp8.all_gather needs torchao's FP8 linears (whose weights it gathers) and FSDP2 (dp > 1, which gathers)."""
+    if not fp8.all_gather:
+        return
+    if linear != "torchao":
+        raise ConfigError(
+            f"fp8.all_gather=true all-gathers torchao's FP8 weights, not model.linear={linear}'s; "
+            "set model.linear=torchao or fp8.all_gather=false"
+        )
+    if dp == 1:
+        raise ConfigError("fp8.all_gather=true needs data parallelism (dp > 1, FSDP2); set fp8.all_gather=false")
 
 
 def microbatches_in(parallel: ParallelConfig, rows: int, micro_batch_size: int, seq_len: int) -> int:
@@ -169,6 +204,7 @@ def resolve(config: Config, world_size: int) -> ResolvedRun:
     the warmup that ran.
     """
     layout = resolve_layout(config.model, config.parallel, world_size)
+    check_fp8_all_gather(config.model.linear, config.fp8, layout.dp)
     if config.model.attention == "flash" and config.trainer.precision == "fp32":
         raise ConfigError(
             "model.attention=flash needs fp16/bf16 activations, not trainer.precision=fp32; "

@@ -66,6 +66,7 @@ class ModelConfig:
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | flash (flash-attn)
     linear: str = "torch"  # the local GEMM of every block linear: torch | torchao (FP8) | te (Transformer Engine FP8)
     kernels: str = "auto"  # RoPE/SwiGLU/norms: triton (fused kernels) | torch (references) | auto (triton on CUDA)
+    compile: bool = False  # torch.compile each transformer block (inductor); how it runs, not the weights
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,6 +155,8 @@ class ModelConfig:
             raise ConfigError(f"model.init_fn={self.init_fn!r} is not one of {', '.join(INIT_FUNCTIONS)}")
         if not self.init_std > 0:
             raise ConfigError(f"model.init_std={self.init_std} must be positive")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"model.compile={self.compile!r} must be true or false")
         self._validate_architecture()
 
     def _validate_architecture(self) -> None:
@@ -268,6 +271,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
     activation_checkpointing: str = "none"  # none | full (per block) | selective (the attention core)
     device: str = "auto"  # auto (cuda when available) | cuda | cpu
+    async_tp: bool = False  # CUDA, model.compile, tp > 1, SP: overlap SP's all-gathers/reduce-scatters with GEMMs
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vp"):
@@ -292,6 +296,8 @@ class ParallelConfig:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"parallel.device={self.device!r} is not one of {', '.join(DEVICES)}")
+        if not isinstance(self.async_tp, bool):
+            raise ConfigError(f"parallel.async_tp={self.async_tp!r} must be true or false")
 
 
 @dataclass
@@ -390,7 +396,7 @@ class DataConfig:
     """Token memmaps to train on; with no paths, the built-in corpus (the Python standard library)."""
 
     paths: list[str] = field(default_factory=list)  # token memmaps (files or directories); empty: built-in
-    valid_paths: list[str] = field(default_factory=list)  # held-out memmaps, one per source, for in-loop eval
+    valid_paths: list[str] = field(default_factory=list)  # held-out memmaps, evaluated in the loop per source/domain
     tokenizer: str | None = None  # tokenizer JSON the model expects; the data's fingerprint must match
     dtype: str | None = None  # memmap dtype for files without metadata.json (OLMo's own: uint16)
     builtin_vocab_size: int = 4096  # vocabulary of the built-in corpus's BPE tokenizer
@@ -425,6 +431,7 @@ class TrainerConfig:
     downstream_limit: int | None = None  # examples per task in the loop; null: all
     log_interval: int = 10  # write metrics every N steps
     z_loss: float = 0.0  # z-loss multiplier (OLMo-2 uses 1e-5)
+    loss_chunk_tokens: int | None = None  # the loss forms this many tokens' logits at a time; null: a micro-batch's
     nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the step | stop the run
     progress: bool = True  # a progress bar on rank 0
     tensorboard: bool = True  # TensorBoard scalars under run_dir/tensorboard
@@ -442,6 +449,11 @@ class TrainerConfig:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+        chunk = self.loss_chunk_tokens
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ConfigError(
+                f"trainer.loss_chunk_tokens={chunk!r} must be a positive number of tokens (e.g. 4096) or null"
+            )
 
 
 @dataclass
@@ -473,6 +485,7 @@ class Fp8Config:
     amax_compute_algo: str = "max"  # delayed scaling: max | most_recent over the history
     keep_first_last_blocks_bf16: bool = False  # the first and last blocks keep high-precision GEMMs
     emulate: str = "auto"  # torchao: auto (emulate where there is no FP8 GEMM: CPU, GPUs below sm_89) | true | false
+    all_gather: bool = False  # torchao, dp > 1: FSDP2 all-gathers the FP8 block weights in float8 (half bf16's bytes)
 
     def __post_init__(self) -> None:
         if str(self.emulate).lower() in ("auto", "true", "false"):  # the command line's `true` arrives as "True"
@@ -487,6 +500,12 @@ class Fp8Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"fp8.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.all_gather and self.torchao_recipe != "tensorwise":
+            # torchao's float8 all-gather casts each weight with one scale (precomputed after the step)
+            raise ConfigError(
+                f"fp8.all_gather=true needs fp8.torchao_recipe=tensorwise, not {self.torchao_recipe}; "
+                "set fp8.all_gather=false or fp8.torchao_recipe=tensorwise"
+            )
 
 
 @dataclass

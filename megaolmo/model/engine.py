@@ -27,9 +27,9 @@ from megaolmo.config import Fp8Config, ModelConfig, ParallelConfig, microbatches
 from megaolmo.data.documents import document_lengths, document_positions
 from megaolmo.data.labels import IGNORE_INDEX
 from megaolmo.model.fp8 import begin_fp8_step, check_backend, emulates, preserved_scaling_states
+from megaolmo.model.loss import TokenLosses
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel import tensor_parallel_layers
-from megaolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaolmo.parallel.grad_norm import clip_grad_norm_
 from megaolmo.parallel.mesh import ParallelMesh
 from megaolmo.parallel.pipeline import Schedule, build_schedule
@@ -45,15 +45,15 @@ class StepLosses:
 
 
 class MicroBatchLosses:
-    """The loss function of the last stage: called on each micro-batch's logits, it keeps what a step reports.
+    """The loss function of the last stage: called on each micro-batch's per-token losses (the last stage's
+    output given labels: cross entropy and log-sum-exp, megaolmo.model.loss), it keeps what a step reports.
 
     The schedule calls it once per micro-batch; `begin` starts a step with the target tokens of the whole
     global batch as the normalizer, after which `sums` holds [cross entropy, z-loss] summed over each
     micro-batch and `rows` the summed cross entropy of each row.
     """
 
-    def __init__(self, *, vocab_start: int, tp_group, ignore_index: int, z_loss_multiplier: float) -> None:
-        self.vocab_start, self.tp_group = vocab_start, tp_group
+    def __init__(self, *, ignore_index: int, z_loss_multiplier: float) -> None:
         self.ignore_index, self.z_loss_multiplier = ignore_index, z_loss_multiplier
         self.begin(normalizer=1)
 
@@ -62,11 +62,9 @@ class MicroBatchLosses:
         self.sums: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with_z = self.z_loss_multiplier > 0
-        ce, log_z = vocab_parallel_cross_entropy(
-            logits, labels, self.vocab_start, group=self.tp_group, ignore_index=self.ignore_index, with_log_z=with_z
-        )
+        ce, log_z = token_losses.unbind(-1)
         ce_sum = ce.sum()
         z_sum = (log_z.pow(2) * (labels != self.ignore_index)).sum() * self.z_loss_multiplier if with_z else 0 * ce_sum
         self.sums.append(torch.stack([ce_sum.detach(), z_sum.detach()]))
@@ -96,13 +94,16 @@ class ParallelOLMo:
         ignore_index: int = IGNORE_INDEX,
         fp8: Fp8Config | None = None,
         document_masking: bool = False,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
+        """`loss_chunk_tokens`: the loss forms that many tokens' logits at a time (megaolmo.model.loss), or all
+        of a micro-batch's at once (None)."""
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.layout = resolve_layout(model, parallel, world_size)
         self.config, self.parallel = self.layout.model, parallel
         self.mesh = ParallelMesh(parallel)
         fp8 = fp8 or Fp8Config()
-        check_backend(self.config.linear, self.mesh.device, fp8)
+        check_backend(self.config.linear, self.mesh.device, fp8, dp=self.layout.dp)
         # torchao's FP8 with high-precision matmuls (no FP8 GEMM here, or fp8.emulate=true)
         self.fp8_emulated = emulates(self.config.linear, fp8, self.mesh.device)
         amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
@@ -118,16 +119,13 @@ class ParallelOLMo:
             amax_group=amax_group,
         )
         self.stages = self.local_stages.modules  # this rank's stage modules, in pipeline order
+        for stage in self.stages:
+            stage.token_losses = TokenLosses(chunk_tokens=loss_chunk_tokens, with_log_z=z_loss_multiplier > 0)
         self.tied_replica = self.local_stages.tied_replica(self.layout)
         self._norm_counted, self._norm_scaled_only = self._gradient_norm_terms()
         if self.config.weight_tying:
             self.mesh.build_embedding_group()
-        self.losses = MicroBatchLosses(
-            vocab_start=self._vocab_start() if self.local_stages.last else 0,
-            tp_group=self.mesh.tp_group,
-            ignore_index=ignore_index,
-            z_loss_multiplier=z_loss_multiplier,
-        )
+        self.losses = MicroBatchLosses(ignore_index=ignore_index, z_loss_multiplier=z_loss_multiplier)
         self._schedules: dict[tuple[int, int, int], Schedule] = {}
 
     @property
@@ -142,12 +140,6 @@ class ParallelOLMo:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [item for stage in self.stages for item in stage.named_parameters()]
 
-    def _vocab_start(self) -> int:
-        """The first vocabulary row of this TP rank's slice of the output layer (on the last stage)."""
-        last = self.stages[-1]
-        layer = last.head if last.head is not None else last.wte
-        return layer.vocab_start if hasattr(layer, "vocab_start") else self.mesh.tp_rank * layer.weight.shape[0]
-
     def _schedule(self, micro_batch_size: int, seq_len: int, n_microbatches: int):
         key = (micro_batch_size, seq_len, n_microbatches)
         if key not in self._schedules:
@@ -157,8 +149,8 @@ class ParallelOLMo:
             hidden = torch.empty(local_seq, micro_batch_size, self.config.d_model, device=device, dtype=dtype)
             hidden.requires_grad_()
             ids = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=device)
-            vocab = self.config.padded_vocab_size // self.mesh.tp
-            logits = torch.empty(micro_batch_size, seq_len, vocab, device=device, dtype=dtype, requires_grad=True)
+            # The last stage returns each token's cross entropy and log-sum-exp (megaolmo.model.loss), in fp32.
+            losses = torch.empty(micro_batch_size, seq_len, 2, device=device, requires_grad=True)
             last = self.local_stages.count - 1
             self._schedules[key] = build_schedule(
                 self.parallel.pp_schedule,
@@ -168,7 +160,7 @@ class ParallelOLMo:
                 device=device,
                 group=self.mesh.pp_group,
                 example_inputs=[ids if i == 0 else hidden for i in self.local_stages.ids],
-                example_outputs=[logits if i == last else hidden for i in self.local_stages.ids],
+                example_outputs=[losses if i == last else hidden for i in self.local_stages.ids],
                 n_microbatches=n_microbatches,
                 loss_fn=self.losses,
             )
@@ -177,18 +169,20 @@ class ParallelOLMo:
     def _to_device(
         self, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The rows on the mesh's device, and what every stage's forward takes besides its input: with document
-        masking, each token's position in its document (`doc_positions`, [rows, s]); nothing without.
+        """The rows on the mesh's device, and what every stage's forward takes besides its input: the targets
+        (`labels`, which the last stage scores in its forward) and, with document masking, each token's
+        position in its document (`doc_positions`, [rows, s]).
 
         The positions are computed from the ids where the loader put them (the host), before they move, so
         finding the documents costs the device no synchronization.
         """
-        kwargs = {}
+        labels = labels.to(self.mesh.device)
+        kwargs = {"labels": labels}
         if self.document_masking:
             lengths = document_lengths(input_ids, self.config.eos_token_id)
             positions = document_positions(lengths, input_ids.shape[1])
             kwargs["doc_positions"] = positions.to(self.mesh.device, non_blocking=True)
-        return input_ids.to(self.mesh.device), labels.to(self.mesh.device), kwargs
+        return input_ids.to(self.mesh.device), labels, kwargs
 
     def _pipeline_args(
         self, input_ids: torch.Tensor, labels: torch.Tensor, kwargs: dict[str, torch.Tensor]

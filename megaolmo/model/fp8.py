@@ -6,6 +6,8 @@ torchao's `Float8Linear` (dynamic scaling, tensorwise or rowwise) or Transformer
 `te.fp8_autocast` with the amax reduced over the TP and DP ranks of the stage,
 as in Megatron. Weights stay in high precision, so checkpoints do too.
 FP8 GEMMs need both dims divisible by 16; other layers keep the high-precision GEMM.
+With `fp8.all_gather` (torchao, dp > 1) FSDP2 all-gathers those weights already cast to float8, one byte an
+element instead of bf16's two, and `precompute_fp8_scales` after each optimizer step sets their scales.
 
 Where the device has no FP8 GEMM (CPU, GPUs below compute capability 8.9) torchao is
 emulated by default (`fp8.emulate=auto`): the same scaling and float8 casts, the matmul
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from megaolmo.config import Fp8Config
+from megaolmo.config.resolve import check_fp8_all_gather
 from megaolmo.errors import ConfigError
 from megaolmo.parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -53,8 +56,10 @@ def emulates(linear: str, config: Fp8Config, device: torch.device) -> bool:
     return config.emulate == "true" or (config.emulate == "auto" and not has_fp8_gemm(device))
 
 
-def check_backend(linear: str, device: torch.device, config: Fp8Config | None = None) -> None:
-    """One clear line for an FP8 request this machine cannot serve, before anything is built."""
+def check_backend(linear: str, device: torch.device, config: Fp8Config | None = None, *, dp: int = 1) -> None:
+    """One clear line for an FP8 request this machine (or `dp`, for fp8.all_gather) cannot serve, before anything
+    is built."""
+    check_fp8_all_gather(linear, config or Fp8Config(), dp)
     if linear == "torch":
         return
     if linear == "torchao" and importlib.util.find_spec("torchao") is None:
@@ -161,7 +166,80 @@ def _torchao_linear(local: nn.Linear, config: Fp8Config, emulate: bool) -> nn.Mo
     from torchao.float8.float8_linear import Float8Linear
 
     recipe = Float8LinearConfig.from_recipe_name(config.torchao_recipe)  # a frozen dataclass
-    return Float8Linear.from_float(local, config=dataclasses.replace(recipe, emulate=emulate))
+    recipe = dataclasses.replace(recipe, emulate=emulate, enable_fsdp_float8_all_gather=config.all_gather)
+    fp8 = Float8Linear.from_float(local, config=recipe)
+    if config.all_gather:  # torchao wrapped the weight for FSDP2; megaolmo's wrapper all-gathers its bytes
+        weight = fp8.weight
+        fp8.weight = nn.Parameter(
+            _float8_all_gather_weight_class()(weight._tensor, weight._linear_mm_config, weight._dtype),
+            requires_grad=weight.requires_grad,
+        )
+    return fp8
+
+
+@functools.cache
+def _float8_all_gather_weight_class() -> type[torch.Tensor]:
+    """torchao's FSDP2 float8 weight, all-gathering its float8 bytes as uint8; built once, torchao imported late.
+
+    With `fp8.all_gather`, FSDP2 asks the weight for its all-gather input: torchao casts the local fp32 shard
+    to float8 (its scale from the amax over the DP mesh, or the one `precompute_fp8_scales` left) and the
+    ranks gather one byte per element instead of bf16's two. FSDP2 gathers a unit's inputs as uint8 only when
+    their dtypes differ; a unit of float8 weights alone (OLMo-1's blocks have no norm weights) would be
+    gathered as float8, which gloo refuses. This wrapper always hands FSDP2 the uint8 view of the same bytes
+    (free on NCCL too) and views the gathered bytes back as float8, so every backend carries it.
+
+    An FSDP2 shard is padded on dim 0 when dp does not divide the rows; the input then carries the padded
+    shard's rows, as FSDP2 requires of such a hook. Pickled, it is its high-precision tensor: checkpoints
+    hold the same plain weights with fp8.all_gather on or off.
+    """
+    import torch.utils._pytree as pytree
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    class Float8AllGatherWeight(WeightWithDynamicFloat8CastTensor):
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args, kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)  # rewraps in torchao's class: back in ours
+            return pytree.tree_map_only(
+                WeightWithDynamicFloat8CastTensor, lambda t: cls(t._tensor, t._linear_mm_config, t._dtype), out
+            )
+
+        @staticmethod
+        def __tensor_unflatten__(inner_tensors, flatten_spec, outer_size, outer_stride):
+            """torch.compile's rebuild of a weight: this class, and the precomputed scale kept (torchao drops it)."""
+            return Float8AllGatherWeight(inner_tensors["_tensor"], flatten_spec["mm_config"], flatten_spec["dtype"],
+                                         inner_tensors.get("_precomputed_scale"))  # fmt: skip
+
+        def __reduce_ex__(self, protocol):
+            return self._tensor.detach().__reduce_ex__(protocol)  # saved (torch.save) as its plain fp32 tensor
+
+        def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+            (data,), metadata = super().fsdp_pre_all_gather(mesh)
+            data, rows = data.view(torch.uint8), -(-outer_size[0] // mesh.size())  # the padded shard's rows
+            if data.shape[0] < rows:
+                data = torch.cat([data, data.new_zeros(rows - data.shape[0], *data.shape[1:])])
+            return (data,), metadata
+
+        def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+            (data,) = all_gather_outputs
+            return super().fsdp_post_all_gather((data.view(self._dtype),), metadata, param_dtype, out=out)
+
+    return Float8AllGatherWeight
+
+
+def precompute_fp8_scales(stages: list[nn.Module], config: Fp8Config) -> None:
+    """After each optimizer step with `fp8.all_gather`: every FP8 weight's scale for the next all-gathers.
+
+    One all-reduce (over DP) of all the stage's weight amaxes, instead of one per weight inside each
+    all-gather. Without it the all-gathers compute their own scales (correct, slower); after a step that
+    skipped it, they would use the previous weights' scales, so call it after every step that changed them.
+    A no-op without `fp8.all_gather`.
+    """
+    if not config.all_gather:
+        return
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    for stage in stages:  # a stage without FP8 weights (fp8.keep_first_last_blocks_bf16) returns at once
+        precompute_float8_dynamic_scale_for_fsdp(stage)
 
 
 def _te_linear(local: nn.Linear) -> nn.Module:

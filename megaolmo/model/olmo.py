@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from megaolmo import kernels
 from megaolmo.config import ConfigError, ModelConfig
 from megaolmo.model.init import init_parameters
+from megaolmo.model.loss import TokenLosses
 from megaolmo.model.rope import rope_tables, yarn_of
 from megaolmo.parallel import ColumnParallelLinear, HeadParallelRMSNorm, RowParallelLinear, VocabParallelEmbedding
 from megaolmo.parallel.mappings import copy_to_tp
@@ -99,7 +100,10 @@ class Documents:
     From `doc_positions` [b, s], each token's position in its document (megaolmo.data.documents): RoPE
     rotates by those positions, SDPA takes a [b, 1, s, s] mask of (same document, causal, in the window),
     and flash-attn's variable-length kernel takes the documents' boundaries in the flattened [b * s] tokens.
-    Each form is computed on first use and kept: blocks with the same window share one mask.
+    Each form is computed on first use and kept: blocks with the same window share one mask. Inside a
+    compiled block (`model.compile`) the rows and masks are recomputed instead, in the block's own graph:
+    a cache written by one graph and read by the next would make each block's graph depend on which ran
+    before it, and the compiler fuses the gather and the comparison into the block anyway.
     """
 
     def __init__(self, doc_positions: torch.Tensor) -> None:
@@ -112,6 +116,9 @@ class Documents:
         """Per-token [s, b, hd / 2] rows of the [s, hd / 2] tables: each document rotated from position 0.
 
         Gathered once per table (blocks share the cached tables of rope_tables; YaRN's are another)."""
+        if torch.compiler.is_compiling():
+            positions = self.positions.t()
+            return cos[positions], sin[positions]
         if id(cos) not in self._rows:
             positions = self.positions.t()
             self._rows[id(cos)] = (cos, sin, cos[positions], sin[positions])  # the tables held: their ids stay
@@ -121,12 +128,17 @@ class Documents:
     def mask(self, window: int | None) -> torch.Tensor:
         """[b, 1, s, s] bool, True where query i may attend key j: j <= i in the same document, and within
         `window` keys when there is one."""
+        if torch.compiler.is_compiling():
+            return self._mask(window)
         if window not in self._masks:
-            seq_len = self.positions.shape[1]
-            document = (self.positions == 0).cumsum(dim=1)  # which document of its row each token is in
-            same = document[:, :, None] == document[:, None, :]
-            self._masks[window] = (same & sliding_window_mask(seq_len, window or seq_len, same.device))[:, None]
+            self._masks[window] = self._mask(window)
         return self._masks[window]
+
+    def _mask(self, window: int | None) -> torch.Tensor:
+        seq_len = self.positions.shape[1]
+        document = (self.positions == 0).cumsum(dim=1)  # which document of its row each token is in
+        same = document[:, :, None] == document[:, None, :]
+        return (same & sliding_window_mask(seq_len, window or seq_len, same.device))[:, None]
 
     def varlen(self) -> tuple[torch.Tensor, int]:
         """flash-attn's `cu_seqlens` (int32: where each document starts in the flattened [b * s] tokens, then
@@ -172,16 +184,28 @@ def causal_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=window_size
         )
         return out.view(batch, seq_len, *out.shape[1:]).transpose(0, 1)
-    q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))  # [b, heads, s, hd]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd] views: SDPA reads strided inputs
+    mask = None
+    if documents is not None or window is not None:
+        mask = documents.mask(window) if documents is not None else sliding_window_mask(seq_len, window, q.device)
     gqa = k.shape[1] != q.shape[1]
-    if documents is None and window is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return out.permute(2, 0, 1, 3)
-    mask = documents.mask(window) if documents is not None else sliding_window_mask(seq_len, window, q.device)
-    if gqa:  # with a mask, SDPA's memory-efficient kernel takes no GQA: the math one would hold [b, h, s, s]
+    native_gqa = gqa and sdpa_takes_gqa(q.device.type, q.dtype, masked=mask is not None)
+    if gqa and not native_gqa:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.permute(2, 0, 1, 3)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=native_gqa)
+    return out.permute(2, 0, 1, 3)  # CPU's kernel writes the query's [s, b, heads, hd] order: no copy follows
+
+
+def sdpa_takes_gqa(device_type: str, dtype: torch.dtype, *, masked: bool) -> bool:
+    """Whether SDPA attends fewer k/v heads than query heads (`enable_gqa`) with a fused kernel here.
+
+    CPU's flash kernel does, in any dtype and with a mask. On CUDA only the flash kernel does (fp16/bf16,
+    no mask): elsewhere `enable_gqa` falls back to the math kernel, which materializes [b, h, s, s] scores,
+    so there k and v are expanded to every query head instead and the memory-efficient kernel runs.
+    """
+    if device_type == "cpu":
+        return True
+    return not masked and dtype in (torch.float16, torch.bfloat16)
 
 
 class OLMoBlock(nn.Module):
@@ -279,6 +303,7 @@ class OLMo(nn.Module):
         self.head: ColumnParallelLinear | None = None
         if not config.weight_tying:
             self.head = ColumnParallelLinear(config.d_model, config.padded_vocab_size, sequence_dim=1)
+        self.token_losses = TokenLosses()  # what a forward with labels computes (the engine sets its options)
 
     def keep_stage(self, blocks: range, first: bool, last: bool) -> None:
         """Drop everything a pipeline stage holding `blocks` does not run (a tied last stage keeps wte)."""
@@ -296,13 +321,18 @@ class OLMo(nn.Module):
             return self.wte.logits(x, sequence_dim=1)
         return self.head(x)
 
-    def forward(self, inputs: torch.Tensor, doc_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [batch, seq] (int64) -> logits [batch, seq, padded vocab].
+    def forward(
+        self, inputs: torch.Tensor, doc_positions: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids [batch, seq] (int64) -> logits [batch, seq, padded vocab]; with `labels` [batch, seq], the
+        per-token losses [batch, seq, 2] instead (`token_losses`: cross entropy and log-sum-exp), which need
+        not form the whole logits.
 
-        Inside a pipeline, a stage that does not embed takes and returns hidden states [s, b, d].
-        `doc_positions` [batch, seq] (megaolmo.data.documents.document_positions: each token's position in
-        its document) switches on intra-document attention: a token attends only to its own document, and
-        RoPE counts positions from each document's start.
+        Inside a pipeline, a stage that does not embed takes and returns hidden states [s, b, d], and one that
+        does not end the model ignores `labels`. `doc_positions` [batch, seq]
+        (megaolmo.data.documents.document_positions: each token's position in its document) switches on
+        intra-document attention: a token attends only to its own document, and RoPE counts positions from
+        each document's start.
         """
         x = self.embed(inputs) if not inputs.is_floating_point() else inputs
         documents = None if doc_positions is None else Documents(doc_positions)
@@ -311,7 +341,10 @@ class OLMo(nn.Module):
         if self.ln_f is None:
             return x
         # Back to [b, s, d] before the head, so the (vocab-wide) logits come out contiguous.
-        return self.output_logits(self.ln_f(x).transpose(0, 1))
+        hidden = self.ln_f(x).transpose(0, 1)
+        if labels is not None:
+            return self.token_losses(self.head if self.head is not None else self.wte, hidden, labels)
+        return self.output_logits(hidden)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2:

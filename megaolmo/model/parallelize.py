@@ -4,8 +4,8 @@ From a resolved layout (megaolmo.config.resolve_layout): build the model on the
 meta device, cut this rank's pipeline stages out of it, then for each stage
 shard its TP layers, mark activation checkpointing, materialize and initialize
 (the same weights for every layout, from (seed, parameter name)), swap in the
-FP8 local GEMMs, and shard over DP with FSDP2. What runs a step on the result
-is the engine (engine.py).
+FP8 local GEMMs, compile each block (`model.compile`), and shard over DP with
+FSDP2. What runs a step on the result is the engine (engine.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megaolmo.config import Fp8Config, ResolvedLayout
+from megaolmo.config import ConfigError, Fp8Config, ResolvedLayout
 from megaolmo.model.fp8 import apply_fp8
 from megaolmo.model.init import init_parameters
 from megaolmo.model.olmo import OLMo, RMSNorm
@@ -72,6 +72,42 @@ def apply_activation_checkpointing(stage: OLMo, mode: str) -> None:
         block.activation_checkpointing = mode
 
 
+def apply_compile(stage: OLMo, *, fullgraph: bool, backend: str = "inductor") -> None:
+    """torch.compile each block's forward (torchtitan's per-block compile): the blocks repeat one structure,
+    so they share the compiled graphs of one code object instead of each tracing the whole stage.
+
+    The block's `forward` is replaced, not its `__call__` (`nn.Module.compile`): FSDP2's hooks on the block
+    then run eagerly around the compiled graph instead of breaking it, and the parameter names stay those of
+    the plain model (no `_orig_mod.`), which checkpoints and TP layers key on. Shapes are static at first and
+    become dynamic on the first other shape (torch's automatic dynamic): the training step's shape compiles
+    once, and an evaluation (another grad mode, often another batch) once more, not once per batch.
+    `backend="aot_eager"` (torch's debugging backend) traces the same forward and backward graphs and runs
+    them without generating code: where a difference from eager comes from inductor's kernels or from tracing.
+    """
+    for block in stage.blocks.values():
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph, backend=backend)
+
+
+def apply_async_tp(mesh: ParallelMesh) -> None:
+    """torch's async TP (torchtitan's `maybe_enable_async_tp`): inductor's micro-pipeline pass splits each
+    all-gather -> GEMM and GEMM -> reduce-scatter of the sequence-parallel regions into chunks exchanged over
+    symmetric memory, so one chunk's communication runs under another's GEMM. The pass matches the functional
+    collectives dynamo traces megaolmo's SP mappings into (it remaps their c10d calls): in a compiled block's
+    forward, each all-gather feeds its column-parallel GEMM and each reduce-scatter takes its row-parallel one's
+    output directly (inspected on CPU, where the pass itself does not run: it needs NCCL)."""
+    if mesh.device.type != "cuda":
+        raise ConfigError(
+            f"parallel.async_tp=true needs CUDA (symmetric memory), not {mesh.device.type}; set it to false"
+        )
+    from torch._inductor import config as inductor_config
+    from torch.distributed import _symmetric_memory
+
+    inductor_config._micro_pipeline_tp = True
+    enable = _symmetric_memory.enable_symm_mem_for_group
+    if not hasattr(enable, "__deprecated__"):  # torch 2.13 enables it for every group itself
+        enable(mesh.tp_group.group_name)
+
+
 def apply_data_parallel(stage: OLMo, mesh: ParallelMesh, *, param_dtype: torch.dtype, reshard: bool) -> None:
     """FSDP2 over the DP sub-mesh: each block a unit, the embedding and head the root's."""
     if mesh.dp_mesh is None:
@@ -96,7 +132,7 @@ def parallelize_olmo(
     amax_group=None,
     materialize: bool = True,
 ) -> Stages:
-    """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, FSDP, in order.
+    """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, compile, FSDP.
 
     `materialize=False` leaves them on the meta device, uninitialized and without FP8 (which keeps the
     weights' shapes): the stages a dry run measures, at any world size, without allocating them.
@@ -105,6 +141,8 @@ def parallelize_olmo(
     count = parallel.pp * parallel.vp
     ranges = stage_layer_ranges(layout.stage_layers)
     stages = Stages(modules=[], ids=stages_of_rank(mesh.pp_rank, parallel.pp, parallel.vp), count=count)
+    if parallel.async_tp and materialize:
+        apply_async_tp(mesh)
     with torch.device("meta"):
         whole = OLMo(config)
     for stage_id in stages.ids:
@@ -123,6 +161,8 @@ def parallelize_olmo(
                 amax_group=amax_group,
                 emulate=fp8_emulated,
             )
+            if config.compile:  # flash-attn's varlen kernel reads document boundaries off the device: a break
+                apply_compile(stage, fullgraph=config.attention == "sdpa")
         apply_data_parallel(stage, mesh, param_dtype=param_dtype, reshard=parallel.reshard_after_forward)
         stages.modules.append(stage)
     return stages

@@ -12,6 +12,7 @@ or (up, gate), every rank holds its slice of each block, never all of one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,15 +159,28 @@ class ColumnParallelLinear(nn.Module):
         blocks = rows.reshape(units, sum(self._unit_rows), *rows.shape[1:]).split(self._unit_rows, dim=1)
         return torch.cat([block.reshape(-1, *rows.shape[1:]) for block in blocks], dim=0)
 
+    @property
+    def vocab_start(self) -> int:
+        """The first output feature of this rank's slice (the first vocabulary row, for an output head)."""
+        return 0 if self.tp is None else self.tp.rank * self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.linear)
+
+    def forward_with(self, x: torch.Tensor, local: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`local(this rank's input)` in place of the local linear, the input mapped as the layer maps it (copied
+        to the TP group, or gathered from the sequence and kept as its shard): a loss that computes the head's
+        GEMM chunk by chunk runs inside the layer this way."""
         if self.tp is None:
-            return self.linear(x)
+            return local(x)
         if not self.tp.sequence_parallel:
-            return self.linear(copy_to_tp(x, self.tp.group))
+            return local(copy_to_tp(x, self.tp.group))
         gathered = gather_from_sequence(x, self.tp.group, self.sequence_dim)
+        if torch.compiler.is_compiling():  # dynamo traces no saved-tensor hooks: the compiled graph keeps `gathered`
+            return local(gathered)
         hooks = _RegatherInBackward(gathered, x, self.tp.group, self.sequence_dim)
         with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-            return self.linear(gathered)
+            return local(gathered)
 
 
 class RowParallelLinear(nn.Module):
@@ -241,12 +255,19 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor, sequence_dim: int) -> torch.Tensor:
         """Logits of this rank's vocabulary slice against the embedding (a head tied to the input embedding)."""
+        return self.logits_with(hidden, sequence_dim, lambda h: F.linear(h, self.weight))
+
+    def logits_with(
+        self, hidden: torch.Tensor, sequence_dim: int, local: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """`local(this rank's input)` in place of the logits GEMM, the input copied to (or gathered over) the TP
+        group as `logits` does."""
         if self.tp is not None:
             if self.tp.sequence_parallel:
                 hidden = gather_from_sequence(hidden, self.tp.group, sequence_dim)
             else:
                 hidden = copy_to_tp(hidden, self.tp.group)
-        return F.linear(hidden, self.weight)
+        return local(hidden)
 
 
 class HeadParallelRMSNorm(nn.Module):

@@ -32,30 +32,36 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 def all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    """Concatenate every rank's x along `dim`."""
+    """Concatenate every rank's x along `dim`.
+
+    Along dim 0 (the stack's sequence) no permutation surrounds the collective, even an identity one: inductor's
+    async-TP pass (parallel.async_tp) fuses an all-gather only into the matmul that consumes it directly."""
     world = _size(group)
-    moved = x.movedim(dim, 0).contiguous()
+    moved = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
     out = torch.empty((world * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, moved, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim) if dim else out
 
 
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    """Sum x over ranks and keep this rank's slice along `dim`."""
+    """Sum x over ranks and keep this rank's slice along `dim` (along dim 0 straight from the matmul that
+    produced x, as async TP's fusion of a matmul and its reduce-scatter needs)."""
     world = _size(group)
-    moved = x.movedim(dim, 0).contiguous()
+    moved = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
     if moved.shape[0] % world:
         raise ValueError(f"dim {dim} of size {moved.shape[0]} is not divisible by the {world} ranks")
     out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, moved, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim) if dim else out
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return x
+        # Traced by torch.compile, an input returned as-is trips autograd's view+inplace check on the block's
+        # input (an all-reduce's in-place result): the compiled graph copies it instead, eager does not.
+        return x.clone() if torch.compiler.is_compiling() else x
 
     @staticmethod
     def backward(ctx, grad):

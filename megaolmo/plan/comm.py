@@ -155,9 +155,13 @@ def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traf
     ]
     if dp > 1:
         block_gathers, root_gathers = dp_gathers_per_step(placement)
-        blocks = rank.layers * placement.block_params
-        gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank)) * compute * ring(dp)
+        block_bytes = placement.block_params * compute
         precision = "bf16" if placement.work.bf16 else "fp32"
+        if placement.work.fp8_all_gather:  # float8 linears, one byte each (every block's, as the planner assumes)
+            block_bytes -= placement.block_linear_params * (compute - 1)
+            precision = f"FP8 block + {precision} other"
+        blocks = rank.layers * block_bytes
+        gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank) * compute) * ring(dp)
         name = f"DP all-gather of {precision} weights ({block_gathers:g} pass{'es' if block_gathers != 1 else ''})"
         out.append(Traffic("dp_gather", name, gathered, hw.link_bytes_per_s(tp * dp), f"{dp} GPUs"))
         scattered = FP32 * placement.unsharded_params(rank) * ring(dp)

@@ -26,6 +26,8 @@ class Workload:
     kernels: str  # triton | torch: what model.kernels resolves to on `device`
     fused_adam: bool  # torch's fused AdamW (no temporaries) or the foreach path
     decay_embeddings: bool  # the embedding sits in the decayed parameter group (one optimizer group)
+    loss_chunk_tokens: int | None = None  # trainer.loss_chunk_tokens: the loss's logits a chunk at a time
+    fp8_all_gather: bool = False  # fp8.all_gather with torchao: FSDP gathers the block linears in float8
 
     @classmethod
     def from_config(cls, config: Config, device: str) -> Workload:
@@ -42,6 +44,8 @@ class Workload:
             kernels=kernels,
             fused_adam=fused,
             decay_embeddings=config.optim.decay_embeddings,
+            loss_chunk_tokens=trainer.loss_chunk_tokens,
+            fp8_all_gather=config.fp8.all_gather and model.linear == "torchao",
         )
 
     @property
@@ -68,6 +72,7 @@ class Layout:
     reshard_after_forward: bool = True
     pp_schedule: str = "1f1b"
     pp_layer_split: tuple[int, ...] | None = None
+    async_tp: bool = False  # parallel.async_tp: SP's collectives overlapped with the GEMMs (timing.ASYNC_TP_HIDDEN)
 
     @property
     def world_size(self) -> int:
@@ -85,6 +90,7 @@ class Layout:
             pp_layer_split=split,
             reshard_after_forward=self.reshard_after_forward,
             activation_checkpointing=self.activation_checkpointing,
+            async_tp=self.async_tp,
         )
 
     def describe(self) -> str:
@@ -113,6 +119,7 @@ class Layout:
             reshard_after_forward=parallel.reshard_after_forward,
             pp_schedule=parallel.pp_schedule,
             pp_layer_split=split,
+            async_tp=parallel.async_tp,
         )
 
 
@@ -195,6 +202,11 @@ class Placement:
     @property
     def block_params(self) -> int:
         return sum(a * b for a, b in self.block_param_shapes())
+
+    @property
+    def block_linear_params(self) -> int:
+        """The four linears' share of `block_params` (what FP8 casts; the norms stay in their dtype)."""
+        return sum(a * b for a, b in self.block_param_shapes()[:4])
 
     @property
     def embedding_shape(self) -> tuple[int, int]:

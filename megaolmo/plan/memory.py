@@ -221,14 +221,33 @@ def final_norm_bytes(placement: Placement) -> float:
 
 def head_activation_bytes(placement: Placement) -> float:
     """What the final norm, the head and the loss keep per micro-batch: the norm's terms, the gathered hidden
-    states a tied head under SP keeps, and the loss's fp32 (log-)softmax."""
+    states a tied head under SP keeps, and the loss's fp32 (log-)softmax, or with trainer.loss_chunk_tokens
+    only each token's fp32 log-sum-exp (the logits are formed again in backward)."""
     norm = final_norm_bytes(placement)
     layout, work = placement.layout, placement.work
     compute, _ = dtype_bytes(placement)
     gathered = 0.0
     if placement.model.weight_tying and layout.sequence_parallel and layout.tp > 1:
         gathered = compute * work.seq_len * layout.micro_batch_size * placement.model.d_model
+    if work.loss_chunk_tokens is not None:
+        return norm + gathered + FP32 * work.seq_len * layout.micro_batch_size
     return norm + gathered + logits_bytes(placement, FP32)
+
+
+def loss_backward_bytes(placement: Placement) -> float:
+    """What the loss's backward holds at once: two fp32 gradients of the whole logits, or with
+    trainer.loss_chunk_tokens one chunk's logits (in the compute dtype and upcast) and softmax, beside the
+    head weight's gradient summed in fp32 over the chunks (and cast back) and the hidden states' gradient."""
+    work = placement.work
+    if work.loss_chunk_tokens is None:
+        return 2 * logits_bytes(placement, FP32)
+    compute, _ = dtype_bytes(placement)
+    rows = placement.layout.micro_batch_size * work.seq_len
+    vocab_rows, d = placement.embedding_shape
+    chunk = min(work.loss_chunk_tokens, rows) * vocab_rows
+    chunk_terms = chunk * (2 * FP32 + (compute if compute != FP32 else 0))
+    weight_grad = vocab_rows * d * (FP32 + compute)  # the fp32 sum and one chunk's GEMM (or the cast) beside it
+    return chunk_terms + weight_grad + rows * d * compute
 
 
 def _recompute_bytes(placement: Placement) -> float:
@@ -301,10 +320,10 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
         gathered = {**gathered, "FP8 weight casts (Transformer Engine, kept for the step)": rank.layers * block}
     # Inside a block's backward its activation gradients (and any recompute) are alive; the unit's gradient
     # temporaries come at its end, when the block's own activations are gone: one or the other. The loss's
-    # backward makes two fp32 gradients of the logits.
+    # backward makes two fp32 gradients of the logits (loss_backward_bytes).
     backward = max(block_backward_bytes(placement) + _recompute_bytes(placement), unit_temporary)
     if rank.last:
-        backward = max(backward, 2 * logits_bytes(placement, FP32))
+        backward = max(backward, loss_backward_bytes(placement))
 
     first_backward = Moment(
         "first backward, no gradients yet",

@@ -11,6 +11,7 @@ from megaolmo.plan.memory import (
     checkpoint_transient,
     dtype_bytes,
     logits_bytes,
+    loss_backward_bytes,
 )
 from megaolmo.tables import format_table as rows_table
 
@@ -112,10 +113,16 @@ def _memory(plan: Plan) -> list[str]:
         f"shards of the fp32 weights and AdamW moments), adding {_gib(checkpoint_transient(placement, worst.rank)).strip()} "
         "of host memory (one saved chunk at a time) and nothing on the GPU"
     )
-    lines.append(
-        f"  last stage: logits {logits_bytes(placement) / MIB:.1f} MiB and the loss's fp32 softmax "
-        f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch"
-    )
+    if work.loss_chunk_tokens is None:
+        lines.append(
+            f"  last stage: logits {logits_bytes(placement) / MIB:.1f} MiB and the loss's fp32 softmax "
+            f"{logits_bytes(placement, FP32) / MIB:.1f} MiB per micro-batch"
+        )
+    else:
+        lines.append(
+            f"  last stage: the loss forms {work.loss_chunk_tokens} tokens' logits at a time; its backward holds "
+            f"{loss_backward_bytes(placement) / MIB:.1f} MiB (whole logits in fp32: {logits_bytes(placement, FP32) / MIB:.1f} MiB)"
+        )
     sbh = work.seq_len * layout.micro_batch_size * placement.model.d_model / layout.tp
     lines.append(
         f"  activations per block per micro-batch: {worst.activation_per_layer / MIB:.1f} MiB = "

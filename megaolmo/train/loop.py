@@ -26,7 +26,7 @@ from megaolmo.errors import ConfigError
 from megaolmo.eval.in_loop import InLoopDownstream, InLoopEvaluator
 from megaolmo.model.engine import ParallelOLMo, StepLosses
 from megaolmo.model.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
-from megaolmo.model.fp8 import apply_tf32
+from megaolmo.model.fp8 import apply_tf32, precompute_fp8_scales
 from megaolmo.parallel.launch import init_distributed, is_rank_zero
 from megaolmo.parallel.mesh import device_type
 from megaolmo.train.checkpointer import Checkpointer
@@ -85,6 +85,7 @@ def train_step(
     finite = math.isfinite(losses.ce) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
+        precompute_fp8_scales(model.stages, config.fp8)  # fp8.all_gather: the next all-gathers' weight scales
     elif config.trainer.nonfinite == "stop":
         raise FloatingPointError(
             f"step {step}: loss {losses.ce} / gradient norm {grad_norm} is not finite; "
@@ -129,7 +130,8 @@ def train(config: Config, run: ResolvedRun, stop_request: StopRequest) -> bool:
     param_dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
     model = ParallelOLMo(run.model, config.parallel, seed=trainer.seed, param_dtype=param_dtype,
                          z_loss_multiplier=trainer.z_loss, fp8=config.fp8,
-                         document_masking=config.data.document_masking)  # fmt: skip
+                         document_masking=config.data.document_masking,
+                         loss_chunk_tokens=trainer.loss_chunk_tokens)  # fmt: skip
     if model.high_precision_layers and is_rank_zero():
         print(f"FP8: kept in high precision (dims not multiples of 16): {', '.join(model.high_precision_layers)}")
     if model.fp8_emulated and is_rank_zero():
