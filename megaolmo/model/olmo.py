@@ -254,6 +254,9 @@ class OLMoBlock(nn.Module):
         if documents is not None:
             cos, sin = documents.rope(cos, sin)
         q, k = kernels.get(self.kernel_backend, q.device).apply_rope(q, k, cos, sin)
+        # v in its own storage: the attention keeps v for backward, and as a view it would keep att_proj's whole
+        # output (q + 2 kv wide) alive; q and k are RoPE's outputs already.
+        v = v.contiguous()
         if self.activation_checkpointing == "selective":
             out = checkpoint(
                 causal_attention, q, k, v, self.attention_backend, self.window, documents, use_reentrant=False

@@ -128,11 +128,11 @@ def _norm_terms(placement: Placement) -> dict[str, float]:
     return terms
 
 
-def _qk_norm_terms(placement: Placement, qkv_held: bool) -> dict[str, float]:
+def _qk_norm_terms(placement: Placement) -> dict[str, float]:
     """What QK-norm keeps: the RMSNorms of the whole projected q and k (before RoPE).
 
     q and k are views of att_proj's output: a kernel (or an fp32 `.float()`, a no-op) that keeps its input
-    keeps all of qkv alive, unless the attention path holds it already. The torch path (the reference, and
+    keeps all of qkv alive. The torch path (the reference, and
     the TP norm whose statistic is all-reduced over heads) keeps an fp32 copy in bf16 and the normalized
     q and k before the weight; every path keeps one fp32 rstd per token for each.
     """
@@ -142,7 +142,7 @@ def _qk_norm_terms(placement: Placement, qkv_held: bool) -> dict[str, float]:
     compute, _ = dtype_bytes(placement)
     torch_path = work.kernels != "triton" or layout.tp > 1
     terms: dict[str, float] = {}
-    if (not torch_path or compute == FP32) and not qkv_held:
+    if not torch_path or compute == FP32:
         terms["QK-norm inputs: views that hold qkv"] = tokens * (q + 2 * kv) * compute
     if torch_path:
         if compute != FP32:
@@ -167,18 +167,16 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
     if recompute == "full":
         return {"block input (full recompute)": residual * rows * h}
     terms = _norm_terms(placement)
-    # attn_out keeps its input: a copy of the attention output in [s, b, h], or with a batch of 1 a view of
-    # it when the kernel writes [b, s, heads, hd] (CUDA SDPA, flash-attn), which SDPA itself keeps anyway.
-    output_view = b == 1 and (work.device == "cuda" or model.attention == "flash")
+    # attn_out keeps its input: a view of the attention output, which the attention keeps anyway, when CPU's
+    # SDPA writes it in the query's [s, b, heads, hd] order, or with a batch of 1 when the kernel writes
+    # [b, s, heads, hd] (CUDA's SDPA, flash-attn); else a copy in [s, b, h].
+    cpu_sdpa = work.device == "cpu" and model.attention == "sdpa"
+    output_view = cpu_sdpa or (b == 1 and (work.device == "cuda" or model.attention == "flash"))
     if model.clip_qkv is not None:
         terms["qkv before clamp"] = tokens * (q + 2 * kv) * compute
-    qkv_held = recompute == "selective" or model.attention == "flash"
-    if qkv_held:
-        terms["q, k after RoPE; qkv (held by the v view)"] = tokens * (q + kv + q + 2 * kv) * compute
-    else:
-        terms["q, k, v for SDPA"] = tokens * (q + 2 * kv) * compute
+    terms["q, k, v for SDPA"] = tokens * (q + 2 * kv) * compute  # RoPE's outputs and v's own copy
     if model.qk_norm:
-        terms.update(_qk_norm_terms(placement, qkv_held))
+        terms.update(_qk_norm_terms(placement))
     if recompute != "selective":
         terms["attention output, logsumexp"] = tokens * (q * compute + model.n_heads // tp * STAT)
         if window_mask_bias(placement):
