@@ -24,7 +24,6 @@ setup(
         "hydra-core>=1.3.2",
         "hydra-submitit-launcher>=1.2",  # sweeps as Slurm jobs: hydra/launcher=submitit_slurm
         "tokenizers",
-        "zstandard",  # Dolma v1.7's *.json.zst shards
         "tqdm",
         "tensorboard",
         "matplotlib",
@@ -40,8 +39,10 @@ setup(
             "triton>=3.6,<3.10",
             "megatron-core",
             "torchao",
+            "zstandard",
         ],
         "te": ["transformer-engine[pytorch]"],
+        "zstd": ["zstandard"],  # Dolma's *.json.zst shards (megaolmo.data.jsonl says so when it is missing)
         "flash": ["flash-attn"],
         "liger": ["liger-kernel"],
         "torchao": ["torchao"],
