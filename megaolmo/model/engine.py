@@ -120,7 +120,7 @@ class ParallelOLMo:
         )
         self.stages = self.local_stages.modules  # this rank's stage modules, in pipeline order
         for stage in self.stages:
-            stage.token_losses = TokenLosses(chunk_tokens=loss_chunk_tokens, with_log_z=z_loss_multiplier > 0)
+            stage.token_losses = TokenLosses(loss_chunk_tokens, z_loss_multiplier > 0, ignore_index)
         self.tied_replica = self.local_stages.tied_replica(self.layout)
         self._norm_counted, self._norm_scaled_only = self._gradient_norm_terms()
         if self.config.weight_tying:

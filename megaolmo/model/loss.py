@@ -27,6 +27,7 @@ class TokenLosses:
 
     chunk_tokens: int | None = None
     with_log_z: bool = False
+    ignore_index: int = IGNORE_INDEX  # the targets that score nothing (the engine's, whose loss sums the rest)
 
     def __call__(
         self, head: ColumnParallelLinear | VocabParallelEmbedding, hidden: torch.Tensor, labels: torch.Tensor
@@ -34,7 +35,7 @@ class TokenLosses:
         """[b, s, 2] fp32 from final hidden states [b, s, d] and targets [b, s]: per token, the cross entropy (0 for
         ignored targets) and the log-sum-exp of its logits over the whole vocabulary (0 when not asked for)."""
         group = None if head.tp is None else head.tp.group
-        vocab_start = 0 if head.tp is None else head.vocab_start
+        vocab_start = head.vocab_start  # 0 without TP
 
         def losses(local_hidden: torch.Tensor) -> torch.Tensor:
             if self.chunk_tokens is not None:
@@ -44,13 +45,13 @@ class TokenLosses:
                     labels,
                     vocab_start,
                     group=group,
-                    ignore_index=IGNORE_INDEX,
+                    ignore_index=self.ignore_index,
                     chunk_tokens=self.chunk_tokens,
                 )
             else:
                 logits = F.linear(local_hidden, head.weight)
                 ce, log_z = vocab_parallel_cross_entropy(
-                    logits, labels, vocab_start, group=group, ignore_index=IGNORE_INDEX, with_log_z=self.with_log_z
+                    logits, labels, vocab_start, group=group, ignore_index=self.ignore_index, with_log_z=self.with_log_z
                 )
                 log_z = torch.zeros_like(ce) if log_z is None else log_z
             return torch.stack([ce, log_z.float()], dim=-1)
