@@ -8,6 +8,7 @@ from megaolmo.config.resolve import (
     resolve,
     resolve_dp,
     resolve_layout,
+    sequence_multiple,
     stage_layer_counts,
 )
 from megaolmo.config.schema import (
@@ -55,5 +56,6 @@ __all__ = [
     "resolve",
     "resolve_dp",
     "resolve_layout",
+    "sequence_multiple",
     "stage_layer_counts",
 ]

@@ -10,6 +10,7 @@ layout from it, so they cannot disagree about what a config means.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from megaolmo.config.schema import Config, Fp8Config, ModelConfig, ParallelConfig
@@ -18,12 +19,13 @@ from megaolmo.errors import ConfigError, WorldSizeError
 
 def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
     """The data-parallel degree, inferred from the world size when not given; checked against it."""
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel = parallel.tp * parallel.cp * parallel.pp
     dp = parallel.dp if parallel.dp is not None else world_size // model_parallel
     if dp < 1 or model_parallel * dp != world_size:
         needed = model_parallel * max(dp, 1)
+        cp = f"parallel.cp={parallel.cp} x " if parallel.cp > 1 else ""
         raise WorldSizeError(
-            f"world size {world_size} is not parallel.tp={parallel.tp} x parallel.pp={parallel.pp} x "
+            f"world size {world_size} is not parallel.tp={parallel.tp} x {cp}parallel.pp={parallel.pp} x "
             f"parallel.dp={parallel.dp if parallel.dp is not None else 'inferred'}; launch "
             f"{needed} ranks or change the degrees",
             needed=needed,
@@ -73,6 +75,46 @@ def check_async_tp(model: ModelConfig, parallel: ParallelConfig) -> None:
         )
 
 
+def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """What ring attention (megaolmo.parallel.context) computes its blocks with: torch's fused SDPA kernels,
+    which return each block's log-sum-exp, outside a compiled graph."""
+    if model.attention != "sdpa":
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} computes attention as a ring of torch SDPA blocks, not model.attention="
+            f"{model.attention}; set model.attention=sdpa"
+        )
+    if model.compile:
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} with model.compile=true: the ring's send/recv inside the attention would "
+            "break each compiled block's graph; set model.compile=false"
+        )
+
+
+def sequence_multiple(parallel: ParallelConfig) -> int:
+    """What every sequence length of a layout is a multiple of: 2 x cp chunks under CP, each CP rank's share
+    split again over tp under SP."""
+    tp = parallel.tp if parallel.sequence_parallel else 1
+    if parallel.cp == 1:
+        return tp
+    return parallel.cp * math.lcm(2, tp)
+
+
+def check_context_split(parallel: ParallelConfig, seq_len: int) -> None:
+    """A sequence splits into 2 x cp equal chunks (each CP rank holds two, load-balanced), and a CP rank's
+    share into tp equal parts under sequence parallelism."""
+    cp, tp = parallel.cp, parallel.tp
+    if seq_len % (2 * cp):
+        raise ConfigError(
+            f"sequence length {seq_len} is not divisible by 2 x parallel.cp={cp} (each CP rank holds two equal "
+            "chunks of it); change trainer.seq_len or parallel.cp"
+        )
+    if parallel.sequence_parallel and (seq_len // cp) % tp:
+        raise ConfigError(
+            f"a CP rank's {seq_len // cp} tokens (sequence length {seq_len} / parallel.cp={cp}) are not divisible "
+            f"by parallel.tp={tp} (sequence parallelism); change trainer.seq_len"
+        )
+
+
 def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ResolvedLayout:
     """Check a layout against the world size and the model before any group or tensor exists."""
     dp = resolve_dp(parallel, world_size)
@@ -103,6 +145,8 @@ def resolve_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int
         )
     if parallel.async_tp:
         check_async_tp(model, parallel)
+    if parallel.cp > 1:
+        check_context_parallel(model, parallel)
     stage_layers = stage_layer_counts(model.n_layers, parallel.pp * parallel.vp, parallel.pp_layer_split)
     if model.embedding_size is None:
         multiple = 128 * tp
@@ -134,7 +178,9 @@ def microbatches_in(parallel: ParallelConfig, rows: int, micro_batch_size: int, 
         raise ConfigError(
             f"this rank's batch of {rows} sequences is not divisible by micro_batch_size={micro_batch_size}"
         )
-    if parallel.sequence_parallel and seq_len % parallel.tp:
+    if parallel.cp > 1:
+        check_context_split(parallel, seq_len)
+    elif parallel.sequence_parallel and seq_len % parallel.tp:
         raise ConfigError(
             f"sequence length {seq_len} is not divisible by parallel.tp={parallel.tp} (sequence parallelism)"
         )
@@ -204,7 +250,7 @@ def resolve(config: Config, world_size: int) -> ResolvedRun:
     the warmup that ran.
     """
     layout = resolve_layout(config.model, config.parallel, world_size)
-    check_fp8_all_gather(config.model.linear, config.fp8, layout.dp)
+    check_fp8_all_gather(config.model.linear, config.fp8, layout.dp * config.parallel.cp)  # FSDP shards over dp x cp
     if config.model.attention == "flash" and config.trainer.precision == "fp32":
         raise ConfigError(
             "model.attention=flash needs fp16/bf16 activations, not trainer.precision=fp32; "

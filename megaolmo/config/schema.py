@@ -259,11 +259,14 @@ DEVICES = ("auto", "cuda", "cpu")
 
 @dataclass
 class ParallelConfig:
-    """How a model is laid out over ranks: tensor (+ sequence), pipeline and data parallelism."""
+    """How a model is laid out over ranks: tensor (+ sequence), context, pipeline and data parallelism."""
 
     tp: int = 1  # tensor-parallel degree (ranks of a TP group share every layer)
     pp: int = 1  # pipeline-parallel degree (stages on different ranks)
-    dp: int | None = None  # data-parallel degree; None infers world_size // (tp * pp)
+    dp: int | None = None  # data-parallel degree; None infers world_size // (tp * cp * pp)
+    cp: int = (
+        1  # context-parallel degree: each sequence split over cp ranks (ring attention, megaolmo.parallel.context)
+    )
     vp: int = 1  # virtual pipeline stages per pipeline rank (interleaved schedules)
     sequence_parallel: bool = False  # split the norm regions along the sequence across the TP group
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b (with vp > 1) | gpipe
@@ -274,7 +277,7 @@ class ParallelConfig:
     async_tp: bool = False  # CUDA, model.compile, tp > 1, SP: overlap SP's all-gathers/reduce-scatters with GEMMs
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vp"):
+        for name in ("tp", "pp", "vp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel.{name}={value!r} must be a positive integer")

@@ -1,8 +1,11 @@
 """The one mesh authority: degrees, rank order, the DeviceMesh and every process group.
 
-Ranks follow Megatron's order, TP fastest, then DP, then PP, so a TP group sits
-inside a node: rank = (pp_rank * dp + dp_rank) * tp + tp_rank. Nothing else in
-megaolmo creates process groups.
+Ranks follow Megatron's order, TP fastest, then CP, then DP, then PP, so a TP group
+sits inside a node and a CP ring next to it:
+rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank. FSDP shards the
+weights over DP and CP together (the flattened "dp_cp" sub-mesh, as Megatron and
+torchtitan do): CP ranks compute gradients of the same weights from different
+tokens. Nothing else in megaolmo creates process groups.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def device_type(parallel: ParallelConfig) -> str:
 
 
 class ParallelMesh:
-    """Degrees, this rank's coordinates, the DeviceMesh ("pp", "dp", "tp") and its groups.
+    """Degrees, this rank's coordinates, the DeviceMesh ("pp", "dp", "cp", "tp") and its groups.
 
     Without an initialized process group (one process, all degrees 1) there are
     no groups: every `*_group` is None and the parallel layers stay local.
@@ -39,28 +42,28 @@ class ParallelMesh:
         self.device_type = device_type(parallel)
         distributed = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if distributed else 1
-        self.tp, self.pp, self.vp = parallel.tp, parallel.pp, parallel.vp
+        self.tp, self.pp, self.vp, self.cp = parallel.tp, parallel.pp, parallel.vp, parallel.cp
         self.dp = resolve_dp(parallel, world_size)
         self.device_mesh: DeviceMesh | None = None
-        self.tp_group = self.dp_group = self.pp_group = None
+        # FSDP's sub-mesh, which it shards the weights and sums the gradients over: DP, with CP flattened in.
+        self.shard_mesh: DeviceMesh | None = None
+        self.tp_group = self.dp_group = self.pp_group = self.cp_group = None
         self.embedding_group: ProcessGroup | None = None
-        self.tp_rank = self.dp_rank = self.pp_rank = 0
+        self.tp_rank = self.dp_rank = self.pp_rank = self.cp_rank = 0
         if self.device_type == "cuda" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank, as torchrun numbers them
         if distributed:
             self.device_mesh = init_device_mesh(
-                self.device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
+                self.device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp")
             )
-            self.tp_group = self.device_mesh.get_group("tp")
-            self.dp_group = self.device_mesh.get_group("dp")
-            self.pp_group = self.device_mesh.get_group("pp")
-            self.tp_rank = self.device_mesh.get_local_rank("tp")
-            self.dp_rank = self.device_mesh.get_local_rank("dp")
-            self.pp_rank = self.device_mesh.get_local_rank("pp")
+            for name in ("tp", "dp", "cp", "pp"):
+                setattr(self, f"{name}_group", self.device_mesh.get_group(name))
+                setattr(self, f"{name}_rank", self.device_mesh.get_local_rank(name))
+            self.shard_mesh = self.device_mesh["dp"] if self.cp == 1 else self.device_mesh["dp", "cp"]._flatten("dp_cp")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     @property
     def device(self) -> torch.device:
@@ -68,17 +71,13 @@ class ParallelMesh:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    @property
-    def dp_mesh(self) -> DeviceMesh | None:
-        return None if self.device_mesh is None else self.device_mesh["dp"]
-
     def build_amax_group(self) -> ProcessGroup | None:
-        """The TP x DP ranks of this rank's pipeline stage (FP8 amax reduction, as in Megatron).
+        """The TP x CP x DP ranks of this rank's pipeline stage (FP8 amax reduction, as in Megatron).
         Every rank must call this, in step."""
         if self.device_mesh is None:
             return None
         mine = None
-        for stage_ranks in self.device_mesh.mesh:  # [dp, tp] per pipeline rank
+        for stage_ranks in self.device_mesh.mesh:  # [dp, cp, tp] per pipeline rank
             ranks = [int(r) for r in stage_ranks.flatten()]
             group = dist.new_group(ranks)
             if dist.get_rank() in ranks:
@@ -86,15 +85,14 @@ class ParallelMesh:
         return mine
 
     def build_embedding_group(self) -> ProcessGroup | None:
-        """Pairs (first stage, last stage) at equal (dp, tp) coordinates, for summing the gradients of a
+        """Pairs (first stage, last stage) at equal (dp, cp, tp) coordinates, for summing the gradients of a
         weight both ends of the pipeline hold (a tied embedding). Every rank must call this, in step."""
         if self.device_mesh is None or self.pp == 1:
             return None
-        ranks = self.device_mesh.mesh  # [pp, dp, tp] -> global rank
-        for dp_rank in range(self.dp):
-            for tp_rank in range(self.tp):
-                pair = [int(ranks[0, dp_rank, tp_rank]), int(ranks[-1, dp_rank, tp_rank])]
-                group = dist.new_group(pair)
-                if dist.get_rank() in pair:
-                    self.embedding_group = group
+        ranks = self.device_mesh.mesh.flatten(1)  # [pp, dp x cp x tp] -> global rank
+        for column in range(ranks.shape[1]):
+            pair = [int(ranks[0, column]), int(ranks[-1, column])]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                self.embedding_group = group
         return self.embedding_group
