@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megaolmo.checkpoint import open_tensors
 from megaolmo.checkpoint.initialize import initialize_weights
-from megaolmo.config import ParallelConfig
+from megaolmo.config import ParallelConfig, sequence_multiple
 from megaolmo.data import IGNORE_INDEX
 from megaolmo.data.dataset import dp_rows
 from megaolmo.errors import EvalError
@@ -81,8 +81,7 @@ def dp_chunks(
 def parallel_scorer(model: ParallelOLMo, micro_batch_size: int, pad_id: int) -> Scorer:
     """A scorer (rows -> summed log-probabilities) running `model` on fixed-shape batches of full context width."""
     width = model.config.max_sequence_length
-    if model.parallel.sequence_parallel:
-        width -= width % model.mesh.tp
+    width -= width % sequence_multiple(model.parallel)  # the lengths SP and CP split
 
     def batch(rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and labels of `rows`, padded to the fixed width; only the scored tokens have labels."""

@@ -1,4 +1,4 @@
-"""The training-step engine: this rank's part of an OLMo under a TP x PP x DP layout, and the step on it.
+"""The training-step engine: this rank's part of an OLMo under a TP x CP x PP x DP layout, and the step on it.
 
 `ParallelOLMo` resolves the layout, builds the mesh and the stages
 (parallelize.py), and runs one global batch's share on this rank: through the
@@ -10,6 +10,12 @@ With `document_masking`, attention stays within the EOS-separated documents of e
 the documents off the token ids each rank holds (every rank of a pipeline holds its DP rows of the batch,
 ids included) and hands each stage the document positions of the micro-batch it runs as a stage keyword
 argument: the pipeline sends nothing more between stages, and callers pass nothing new.
+
+Under context parallelism every CP rank of a DP rank is handed the same rows (token ids are a few bytes per
+token) and keeps its load-balanced chunks of them (megaolmo.parallel.context.zigzag_split): ids and targets
+are cut here, after the documents were read off the whole rows, whose positions every stage receives whole.
+Losses, target counts and row sums are summed over the CP group, so the normalization counts the whole
+sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from megaolmo.model.fp8 import begin_fp8_step, check_backend, emulates, preserve
 from megaolmo.model.loss import TokenLosses
 from megaolmo.model.parallelize import parallelize_olmo
 from megaolmo.parallel import tensor_parallel_layers
+from megaolmo.parallel.context import zigzag_split
 from megaolmo.parallel.grad_norm import clip_grad_norm_
 from megaolmo.parallel.mesh import ParallelMesh
 from megaolmo.parallel.pipeline import Schedule, build_schedule
@@ -103,7 +110,7 @@ class ParallelOLMo:
         self.config, self.parallel = self.layout.model, parallel
         self.mesh = ParallelMesh(parallel)
         fp8 = fp8 or Fp8Config()
-        check_backend(self.config.linear, self.mesh.device, fp8, dp=self.layout.dp)
+        check_backend(self.config.linear, self.mesh.device, fp8, dp=self.layout.dp * self.mesh.cp)
         # torchao's FP8 with high-precision matmuls (no FP8 GEMM here, or fp8.emulate=true)
         self.fp8_emulated = emulates(self.config.linear, fp8, self.mesh.device)
         amax_group = self.mesh.build_amax_group() if self.config.linear == "te" else None
@@ -141,6 +148,7 @@ class ParallelOLMo:
         return [item for stage in self.stages for item in stage.named_parameters()]
 
     def _schedule(self, micro_batch_size: int, seq_len: int, n_microbatches: int):
+        """The pipeline schedule of micro-batches of `seq_len` tokens (this CP rank's, under CP)."""
         key = (micro_batch_size, seq_len, n_microbatches)
         if key not in self._schedules:
             device, dtype = self.mesh.device, self.param_dtype
@@ -174,14 +182,18 @@ class ParallelOLMo:
         position in its document (`doc_positions`, [rows, s]).
 
         The positions are computed from the ids where the loader put them (the host), before they move, so
-        finding the documents costs the device no synchronization.
+        finding the documents costs the device no synchronization. Under CP the ids and targets returned are
+        this CP rank's tokens of the rows, and the positions those of the whole rows.
         """
-        labels = labels.to(self.mesh.device)
-        kwargs = {"labels": labels}
+        kwargs = {}
         if self.document_masking:
             lengths = document_lengths(input_ids, self.config.eos_token_id)
             positions = document_positions(lengths, input_ids.shape[1])
             kwargs["doc_positions"] = positions.to(self.mesh.device, non_blocking=True)
+        if self.mesh.cp > 1:
+            input_ids, labels = (zigzag_split(t, self.mesh.cp, self.mesh.cp_rank) for t in (input_ids, labels))
+        labels = labels.to(self.mesh.device)
+        kwargs["labels"] = labels
         return input_ids.to(self.mesh.device), labels, kwargs
 
     def _pipeline_args(
@@ -212,8 +224,9 @@ class ParallelOLMo:
         n_microbatches = self.check_batch(input_ids, micro_batch_size)
         input_ids, labels, kwargs = self._to_device(input_ids, labels)
         tokens = (labels != self.ignore_index).sum()
-        if self.mesh.dp_group is not None:
-            dist.all_reduce(tokens, group=self.mesh.dp_group)
+        for group in (self.mesh.dp_group, self.mesh.cp_group):
+            if group is not None:
+                dist.all_reduce(tokens, group=group)
         self.losses.begin(normalizer=max(int(tokens), 1))
         begin_fp8_step(self.stages)  # TE casts the weights to FP8 at the first micro-batch, then reuses them
         if self.parallel.pp == 1:
@@ -224,7 +237,7 @@ class ParallelOLMo:
             schedule.step(*args, **kwargs)  # the losses are all the step needs: no logits are kept
             self._sum_tied_gradients()
         sums = self.losses.total(self.mesh.device)
-        for group in (self.mesh.pp_group, self.mesh.dp_group):
+        for group in (self.mesh.pp_group, self.mesh.cp_group, self.mesh.dp_group):
             if group is not None:
                 dist.all_reduce(sums, group=group)
         ce, z = (sums / self.losses.normalizer).tolist()
@@ -250,8 +263,9 @@ class ParallelOLMo:
             finally:
                 self.reshard()
         rows = self.losses.row_sums(len(input_ids), self.mesh.device)
-        if self.mesh.pp_group is not None:
-            dist.all_reduce(rows, group=self.mesh.pp_group)  # only the last stage computed them
+        for group in (self.mesh.pp_group, self.mesh.cp_group):  # the last stage's, of each CP rank's tokens
+            if group is not None:
+                dist.all_reduce(rows, group=group)
         return rows.cpu()
 
     def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> tuple[float, int]:
@@ -271,7 +285,7 @@ class ParallelOLMo:
         FSDP casts when it gathers; one process, which has no FSDP, casts here. (Autocast instead would keep
         an fp32 residual stream that no multi-rank layout has, and one GPU would not compute what many do.)
         """
-        if self.mesh.dp_mesh is not None or self.param_dtype == torch.float32:
+        if self.mesh.shard_mesh is not None or self.param_dtype == torch.float32:
             return stage(ids, **kwargs)
         copies = {name: param.to(self.param_dtype) for name, param in stage.named_parameters()}
         return functional_call(stage, copies, (ids,), kwargs)
@@ -300,7 +314,7 @@ class ParallelOLMo:
         chunks = self._micro_batches(input_ids, labels, micro_batch_size, kwargs)
         keep_gathered = not self.parallel.reshard_after_forward
         for i, (ids, target, chunk) in enumerate(chunks):
-            if self.mesh.dp_mesh is not None:
+            if self.mesh.shard_mesh is not None:
                 # Set on every micro-batch, so a step that failed half-way leaves the next one nothing to undo.
                 last = i == len(chunks) - 1
                 stage.set_requires_gradient_sync(last)

@@ -28,6 +28,7 @@ from megaolmo.model.init import init_parameters
 from megaolmo.model.loss import TokenLosses
 from megaolmo.model.rope import rope_tables, yarn_of
 from megaolmo.parallel import ColumnParallelLinear, HeadParallelRMSNorm, RowParallelLinear, VocabParallelEmbedding
+from megaolmo.parallel.context import ContextParallel, SequenceShard, ring_attention
 from megaolmo.parallel.mappings import copy_to_tp
 
 
@@ -108,6 +109,7 @@ class Documents:
 
     def __init__(self, doc_positions: torch.Tensor) -> None:
         self.positions = doc_positions
+        self.seq_len = doc_positions.shape[1]
         self._masks: dict[int | None, torch.Tensor] = {}
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
@@ -159,18 +161,22 @@ def causal_attention(
     v: torch.Tensor,
     backend: str,
     window: int | None = None,
-    documents: Documents | None = None,
+    documents: Documents | SequenceShard | None = None,
 ) -> torch.Tensor:
     """Causal attention with scale 1/sqrt(head_dim) on [s, b, heads, hd] tensors; GQA when k/v have fewer heads.
 
     With `window`, a query sees the `window` most recent keys, itself included (Hugging Face's and
     flash-attn's `window_size=(window - 1, 0)` convention). With `documents`, only keys of its own document
     (and the window within it): flash-attn's variable-length kernel on the flattened tokens, or SDPA with
-    the equivalent mask.
+    the equivalent mask. Under context parallelism `documents` is this rank's `SequenceShard` (its tokens of
+    the sequence, and the documents when masked), and the attention a ring over the CP group.
     """
     seq_len, batch = q.shape[:2]
-    if window is not None and window >= seq_len:
+    if window is not None and window >= (seq_len if documents is None else documents.seq_len):
         window = None  # the band covers every causal key
+    if isinstance(documents, SequenceShard):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        return ring_attention(q, k, v, documents, window).permute(2, 0, 1, 3)
     if backend == "flash":
         window_size = (-1, -1) if window is None else (window - 1, 0)
         if documents is None:
@@ -241,8 +247,8 @@ class OLMoBlock(nn.Module):
         self.ff_proj = ColumnParallelLinear(config.d_model, 2 * ffn, partition_sizes=(ffn, ffn))
         self.ff_out = RowParallelLinear(ffn, config.d_model)
 
-    def attention(self, x: torch.Tensor, documents: Documents | None) -> torch.Tensor:
-        qkv = self.att_proj(x)  # [s, b, (q + k + v) of this rank's heads]; s is the whole sequence
+    def attention(self, x: torch.Tensor, documents: Documents | SequenceShard | None) -> torch.Tensor:
+        qkv = self.att_proj(x)  # [s, b, (q + k + v) of this rank's heads]; s: the sequence, or this CP rank's share
         s, b, _ = qkv.shape
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
@@ -250,7 +256,8 @@ class OLMoBlock(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(s, b, -1, self.head_dim) for t in (q, k, v))
-        cos, sin = rope_tables(s, self.head_dim, self.rope_theta, q.device, self.yarn)
+        table_len = s if documents is None else documents.seq_len
+        cos, sin = rope_tables(table_len, self.head_dim, self.rope_theta, q.device, self.yarn)
         if documents is not None:
             cos, sin = documents.rope(cos, sin)
         q, k = kernels.get(self.kernel_backend, q.device).apply_rope(q, k, cos, sin)
@@ -268,16 +275,16 @@ class OLMoBlock(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ff_out(kernels.get(self.kernel_backend, x.device).swiglu(self.ff_proj(x)))
 
-    def _forward(self, x: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, documents: Documents | SequenceShard | None) -> torch.Tensor:
         if self.norm_after:  # OLMo-2/3
             x = x + self.attn_norm(self.attention(x, documents))
             return x + self.ff_norm(self.mlp(x))
         x = x + self.attention(self.attn_norm(x), documents)
         return x + self.mlp(self.ff_norm(x))
 
-    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
-        """[s, b, d] -> [s, b, d] (s is this rank's sequence shard under sequence parallelism); with
-        `documents`, attention within each document.
+    def forward(self, x: torch.Tensor, documents: Documents | SequenceShard | None = None) -> torch.Tensor:
+        """[s, b, d] -> [s, b, d] (s is this rank's sequence shard under sequence and context parallelism); with
+        `documents`, attention within each document (under CP, this rank's `SequenceShard`).
 
         `documents` is an argument of the checkpointed function, not state of the block, so a recompute in
         backward sees the micro-batch's own documents whatever has run since.
@@ -292,7 +299,9 @@ class OLMo(nn.Module):
 
     A pipeline stage is an OLMo with the parts of other stages removed (`keep_stage`):
     the first stage embeds token ids, the last one (with `ln_f`) returns logits,
-    and the others map hidden states to hidden states.
+    and the others map hidden states to hidden states. Under context parallelism
+    (`context_parallel`, set by parallelize) a stage holds this CP rank's tokens of each
+    sequence (megaolmo.parallel.context) and its attention is a ring over the CP group.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -307,6 +316,7 @@ class OLMo(nn.Module):
         if not config.weight_tying:
             self.head = ColumnParallelLinear(config.d_model, config.padded_vocab_size, sequence_dim=1)
         self.token_losses = TokenLosses()  # what a forward with labels computes (the engine sets its options)
+        self.context_parallel: ContextParallel | None = None
 
     def keep_stage(self, blocks: range, first: bool, last: bool) -> None:
         """Drop everything a pipeline stage holding `blocks` does not run (a tied last stage keeps wte)."""
@@ -335,10 +345,18 @@ class OLMo(nn.Module):
         does not end the model ignores `labels`. `doc_positions` [batch, seq]
         (megaolmo.data.documents.document_positions: each token's position in its document) switches on
         intra-document attention: a token attends only to its own document, and RoPE counts positions from
-        each document's start.
+        each document's start. Under context parallelism `inputs`, `labels` and the hidden states hold this CP
+        rank's tokens of each sequence (megaolmo.parallel.context.zigzag_split), and `doc_positions` the whole
+        sequence's.
         """
-        x = self.embed(inputs) if not inputs.is_floating_point() else inputs
-        documents = None if doc_positions is None else Documents(doc_positions)
+        embeds = not inputs.is_floating_point()
+        x = self.embed(inputs) if embeds else inputs
+        if self.context_parallel is not None:
+            cp = self.context_parallel
+            local_len = inputs.shape[1] if embeds else inputs.shape[0] * cp.sequence_split
+            documents = SequenceShard(cp, local_len, x.device, doc_positions)
+        else:
+            documents = None if doc_positions is None else Documents(doc_positions)
         for block in self.blocks.values():
             x = block(x, documents)
         if self.ln_f is None:

@@ -1,8 +1,8 @@
-"""OLMo laid out over tensor, pipeline and data parallelism, in the order torchtitan applies them.
+"""OLMo laid out over tensor, context, pipeline and data parallelism, in the order torchtitan applies them.
 
 From a resolved layout (megaolmo.config.resolve_layout): build the model on the
 meta device, cut this rank's pipeline stages out of it, then for each stage
-shard its TP layers, mark activation checkpointing, materialize and initialize
+shard its TP layers, join the CP ring, mark activation checkpointing, materialize and initialize
 (the same weights for every layout, from (seed, parameter name)), swap in the
 FP8 local GEMMs, compile each block (`model.compile`), and shard over DP with
 FSDP2. What runs a step on the result is the engine (engine.py).
@@ -21,6 +21,7 @@ from megaolmo.model.fp8 import apply_fp8
 from megaolmo.model.init import init_parameters
 from megaolmo.model.olmo import OLMo, RMSNorm
 from megaolmo.parallel import TensorParallel, tensor_parallel_layers
+from megaolmo.parallel.context import ContextParallel
 from megaolmo.parallel.data_parallel import shard_data_parallel
 from megaolmo.parallel.mesh import ParallelMesh
 from megaolmo.parallel.pipeline import stage_layer_ranges, stages_of_rank
@@ -66,6 +67,15 @@ def apply_tensor_parallel(stage: OLMo, mesh: ParallelMesh, sequence_parallel: bo
                 module.sequence_parallel_group = mesh.tp_group
 
 
+def apply_context_parallel(stage: OLMo, mesh: ParallelMesh, sequence_parallel: bool) -> None:
+    """Under CP the stage holds this rank's tokens of each sequence and attends over the CP ring
+    (megaolmo.parallel.context); its weights are those of every CP rank, sharded with DP by FSDP."""
+    if mesh.cp == 1:
+        return
+    split = mesh.tp if sequence_parallel else 1
+    stage.context_parallel = ContextParallel(mesh.cp_group, mesh.cp, mesh.cp_rank, sequence_split=split)
+
+
 def apply_activation_checkpointing(stage: OLMo, mode: str) -> None:
     """none | full (each block recomputed in backward) | selective (the attention core only)."""
     for block in stage.blocks.values():
@@ -109,13 +119,13 @@ def apply_async_tp(mesh: ParallelMesh) -> None:
 
 
 def apply_data_parallel(stage: OLMo, mesh: ParallelMesh, *, param_dtype: torch.dtype, reshard: bool) -> None:
-    """FSDP2 over the DP sub-mesh: each block a unit, the embedding and head the root's."""
-    if mesh.dp_mesh is None:
+    """FSDP2 over the DP (x CP) sub-mesh: each block a unit, the embedding and head the root's."""
+    if mesh.shard_mesh is None:
         return
     shard_data_parallel(
         stage,
         list(stage.blocks.values()),
-        mesh.dp_mesh,
+        mesh.shard_mesh,
         param_dtype=param_dtype,
         reshard_after_forward=reshard,
     )
@@ -132,7 +142,7 @@ def parallelize_olmo(
     amax_group=None,
     materialize: bool = True,
 ) -> Stages:
-    """This rank's stages of the OLMo of `layout`: TP, activation checkpointing, init, FP8, compile, FSDP.
+    """This rank's stages of the OLMo of `layout`: TP, CP, activation checkpointing, init, FP8, compile, FSDP.
 
     `materialize=False` leaves them on the meta device, uninitialized and without FP8 (which keeps the
     weights' shapes): the stages a dry run measures, at any world size, without allocating them.
@@ -149,6 +159,7 @@ def parallelize_olmo(
         stage = copy.deepcopy(whole) if len(stages.ids) > 1 else whole
         stage.keep_stage(ranges[stage_id], first=stage_id == 0, last=stage_id == count - 1)
         apply_tensor_parallel(stage, mesh, parallel.sequence_parallel)
+        apply_context_parallel(stage, mesh, parallel.sequence_parallel)
         apply_activation_checkpointing(stage, parallel.activation_checkpointing)
         if materialize:
             stage.to_empty(device=mesh.device)
