@@ -63,7 +63,7 @@ class Layout:
     @property
     def world_size(self) -> int:
         p = self.parallel
-        return p.get("tp", 1) * p.get("pp", 1) * p.get("dp", 1)
+        return p.get("tp", 1) * p.get("cp", 1) * p.get("pp", 1) * p.get("dp", 1)
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(device="cpu", **self.parallel)

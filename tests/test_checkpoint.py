@@ -307,3 +307,27 @@ def test_sigterm_saves_after_the_step_in_flight_and_resumes_exactly(dataset, tmp
     straight = train([*TINY, *data_args(dataset), *long], straight_dir)
     assert_ok(straight)
     assert losses(run_dir) == losses(straight_dir)
+
+
+def test_context_parallel_checkpoint_resumes_on_one_process_and_back(dataset, tmp_path: Path) -> None:
+    """OLMo-3 with document masking saved under cp2 x tp2 (sequence parallel) resumes on one process, whose
+    checkpoint resumes under cp2 x tp2 again: the losses and the held-out metrics (evaluated in the loop under
+    CP at steps 2 and 6, on one process at step 4) are those of a run straight through on one process."""
+    args = [*(arg for arg in OLMO3 if not arg.startswith("trainer.eval_interval")), "trainer.eval_interval=2",
+            "data.document_masking=true"]  # fmt: skip
+    context_parallel = ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    assert_ok(run(dataset, straight_dir, *args))
+    assert_ok(run(dataset, run_dir, *args, *context_parallel, "trainer.stop_at=2", ranks=4))
+    assert_ok(run(dataset, run_dir, *args, "trainer.stop_at=4"))
+    resumed = run(dataset, run_dir, *args, *context_parallel, ranks=4)
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout
+    got, want = losses(run_dir), losses(straight_dir)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5 * b, (got, want)
+    evaluated, expected = held_out(run_dir), held_out(straight_dir)
+    assert len(evaluated) == len(expected) > 0
+    for a, b in zip(evaluated, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (evaluated, expected)

@@ -1,4 +1,5 @@
-"""Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32).
+"""Every TP x PP x DP layout (degrees 1, 2, 4; at most 8 ranks) trains exactly like one process (CPU, gloo, fp32),
+and so do the context-parallel layouts (cp 2 and 4, with TP, PP and DP, and all four at 16 ranks).
 
 Each layout trains an OLMo-1 model and, as its `_olmo3` twin, an OLMo-3 one (OLMo-2's block with QK-norm, sliding
 windows and YaRN); the sequence-parallel layouts an OLMo-2 one with a tied embedding besides. The `docs_` layouts
@@ -76,7 +77,40 @@ def _layouts() -> list[Layout]:
         for layout in extra
         if layout.parallel.get("sequence_parallel")
     ]
-    return layouts + twins + olmo2 + chunked
+    return layouts + twins + olmo2 + chunked + context_parallel_layouts()
+
+
+def context_parallel_layouts() -> list[Layout]:
+    """CP over 16-token rows: at cp 4 each rank holds two 2-token chunks, so OLMo-3's window of 5 keys spans
+    chunks and ring steps and skips some pairs whole. cp 2 and 4 and cp 2 with TP, PP or DP train OLMo-1 and
+    OLMo-3, each with document masking (`docs_`) and without; all four degrees at once (16 ranks) train OLMo-1
+    without and OLMo-3 with documents; the interleaved schedule, ZeRO-2 and both recomputes run the ring inside
+    them with documents and windows."""
+    core = [
+        Layout("cp2", "tied", {"cp": 2}, 2),
+        Layout("cp4", "untied_gqa", {"cp": 4}, 2),
+        Layout("cp2_tp2_sp", "tied", {"cp": 2, "tp": 2, "sequence_parallel": True}, 2),
+        Layout("cp2_pp2_1f1b", "untied_gqa", {"cp": 2, "pp": 2}),
+        Layout("cp2_dp2", "tied", {"cp": 2, "dp": 2}, 2),
+    ]
+    layouts = []
+    for layout in core:
+        for model in (layout.model, "olmo3"):
+            suffix = "_olmo3" if model == "olmo3" else ""
+            layouts.append(dataclasses.replace(layout, name=f"{layout.name}{suffix}", model=model))
+            layouts.append(dataclasses.replace(layout, name=f"docs_{layout.name}{suffix}", model=model,
+                                               document_masking=True))  # fmt: skip
+    all_four = {"tp": 2, "cp": 2, "pp": 2, "dp": 2, "sequence_parallel": True}
+    return layouts + [
+        Layout("tp2_cp2_pp2_dp2_sp", "untied_gqa", all_four),
+        Layout("docs_tp2_cp2_pp2_dp2_sp_olmo3", "olmo3", all_four, document_masking=True),
+        Layout("docs_cp2_tp2_pp2_vp2_interleaved_olmo3", "olmo3", {"cp": 2, "tp": 2, "pp": 2, "vp": 2,
+               "pp_schedule": "interleaved_1f1b"}, document_masking=True),
+        Layout("docs_cp2_dp2_zero2_full_ckpt_olmo3", "olmo3", {"cp": 2, "dp": 2, "reshard_after_forward": False,
+               "activation_checkpointing": "full"}, 2, document_masking=True),
+        Layout("docs_cp4_tp2_sp_selective_ckpt_olmo3", "olmo3", {"cp": 4, "tp": 2, "sequence_parallel": True,
+               "activation_checkpointing": "selective"}, 2, document_masking=True),
+    ]  # fmt: skip
 
 
 LAYOUTS = _layouts()
