@@ -28,7 +28,7 @@ class Run:
     @property
     def world_size(self) -> int:
         p = self.parallel
-        return p.get("tp", 1) * p.get("pp", 1) * p.get("dp", 1)
+        return p.get("tp", 1) * p.get("cp", 1) * p.get("pp", 1) * p.get("dp", 1)
 
 
 def bf16_losses(parallel: dict) -> list[float]:

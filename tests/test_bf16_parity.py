@@ -15,6 +15,8 @@ LAYOUTS = [
     Run("dp2", {"dp": 2}),
     Run("pp2_dp2", {"pp": 2, "dp": 2}),
     Run("tp2_pp2_dp2_sp", {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True}),
+    # The ring merges each query's bf16 block outputs in fp32 and rounds once, as one kernel does.
+    Run("cp2_tp2_pp2_sp", {"cp": 2, "tp": 2, "pp": 2, "sequence_parallel": True}),
 ]
 # bf16 keeps 8 significant bits (a unit roundoff of 2**-8 = 3.9e-3). The first loss is a forward of the same
 # weights: without TP every layout runs the same bf16 operations on the same rows, and only the fp32 sums

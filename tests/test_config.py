@@ -11,7 +11,7 @@ import torch
 from helpers import small_model
 
 from megaolmo import ConfigError, ModelConfig, build_model
-from megaolmo.config import Config, OptimConfig, TrainerConfig, model_presets, resolve
+from megaolmo.config import Config, OptimConfig, ParallelConfig, TrainerConfig, model_presets, resolve
 from megaolmo.config.resolve import resolve_warmup_steps
 from megaolmo.plan.__main__ import compose_config
 from megaolmo.train.optim import build_optimizer, learning_rate
@@ -195,6 +195,31 @@ def test_invalid_configs_fail_with_one_clear_line(overrides: dict, message: str)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
         ModelConfig(**overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "parallel", "seq_len", "world_size", "message"),
+    [
+        ({}, {"cp": 2}, 62, 2, "sequence length 62 is not divisible by 2 x parallel.cp=2"),
+        ({}, {"cp": 2, "tp": 4, "sequence_parallel": True}, 36, 8, "a CP rank's 18 tokens .* by parallel.tp=4"),
+        ({"attention": "flash"}, {"cp": 2}, 64, 2, "parallel.cp=2 computes attention as a ring of torch SDPA"),
+        ({"compile": True}, {"cp": 2}, 64, 2, "parallel.cp=2 with model.compile=true"),
+        ({}, {"cp": 2, "tp": 2}, 64, 6, "world size 6 is not parallel.tp=2 x parallel.cp=2 x parallel.pp=1"),
+    ],
+)
+def test_context_parallel_layouts_are_checked_in_one_line(
+    model: dict, parallel: dict, seq_len: int, world_size: int, message: str
+) -> None:
+    config = Config(
+        model=ModelConfig(n_layers=2, d_model=64, n_heads=4, max_sequence_length=64, **model),
+        parallel=ParallelConfig(**parallel),
+        trainer=TrainerConfig(seq_len=seq_len, global_batch_size=4, micro_batch_size=1),
+    )
+    with pytest.raises(ConfigError, match=message) as info:
+        resolve(config, world_size)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="parallel.cp=0 must be a positive integer"):
+        ParallelConfig(cp=0)
 
 
 def test_unknown_keys_from_a_checkpoint_are_refused() -> None:

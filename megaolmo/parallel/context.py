@@ -236,7 +236,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, shard: SequenceShard, window: int | None):
         b, h, n, hd = q.shape
         c, cp = shard.chunk, shard.cp
-        out_sums = [torch.zeros(b, h, c, hd, dtype=torch.float32, device=q.device) for _ in range(2)]
+        exact = torch.promote_types(q.dtype, torch.float32)  # the merge's dtype: fp32, or fp64 for fp64 inputs
+        out_sums = [torch.zeros(b, h, c, hd, dtype=exact, device=q.device) for _ in range(2)]
         lses: list[torch.Tensor | None] = [None, None]
         kv = torch.stack([k, v])
         for step in range(cp.size):
@@ -248,7 +249,7 @@ class _RingAttention(torch.autograd.Function):
                 bias = None if allowed is None else _bias(allowed, q.dtype)
                 rows, keys = slice(pair.q * c, (pair.q + 1) * c), slice(pair.k * c, (pair.k + 1) * c)
                 out, lse = _block_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], pair.causal, bias)
-                out, lse = out.float(), lse.float()
+                out, lse = out.to(exact), lse.to(exact)
                 if allowed is not None:  # a query with no key here: no weight in the merge
                     visible = allowed.any(-1).expand(b, h, c)
                     lse = lse.masked_fill(~visible, float("-inf"))
@@ -279,14 +280,15 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         shard, window = ctx.shard, ctx.window
         c, cp = shard.chunk, shard.cp
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        exact = lse.dtype
+        dq = torch.zeros(q.shape, dtype=exact, device=q.device)
         kv = torch.stack([k, v])
         dkv_received, dkv_works = None, []  # the gradients of the keys held next, from the previous rank
         for step in range(cp.size):
             source = (cp.rank - step) % cp.size
             if step < cp.size - 1:
                 next_kv, kv_works = _exchange(kv, cp)
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # this step's, for `source`'s keys
+            dkv = torch.zeros(kv.shape, dtype=exact, device=kv.device)  # this step's, for `source`'s keys
             for pair in _pairs(shard, source, window):
                 bias = _bias(_allowed(shard, pair, source, window), q.dtype) if pair.masked else None
                 rows, keys = slice(pair.q * c, (pair.q + 1) * c), slice(pair.k * c, (pair.k + 1) * c)
