@@ -16,11 +16,21 @@ class Layout:
     tp: int
     pp: int
     world_size: int
+    cp: int = 1
 
 
 def evaluate(layout: Layout, target: Path, inputs: dict[str, str]) -> None:
     """Both commands, as the CLI runs them, on this layout; rank 0 writes `<command>.json` in `target`."""
-    common = ["--tokenizer", inputs["tokenizer"], "--tp", str(layout.tp), "--pp", str(layout.pp)]
+    common = [
+        "--tokenizer",
+        inputs["tokenizer"],
+        "--tp",
+        str(layout.tp),
+        "--pp",
+        str(layout.pp),
+        "--cp",
+        str(layout.cp),
+    ]
     common += ["--device", "cpu", "--batch-size", "2", "--no-progress"]
     commands = {
         "perplexity": ["perplexity", inputs["checkpoint"], inputs["documents"], "--per-document"],

@@ -20,7 +20,11 @@ from megaolmo.eval import evaluate_tasks, load_tasks, score_documents
 from megaolmo.eval.__main__ import main
 
 CONTEXT = 32
-LAYOUTS = [Layout("tp2_pp2", tp=2, pp=2, world_size=4), Layout("tp2_dp2", tp=2, pp=1, world_size=4)]
+LAYOUTS = [
+    Layout("tp2_pp2", tp=2, pp=2, world_size=4),
+    Layout("tp2_dp2", tp=2, pp=1, world_size=4),
+    Layout("cp2_tp2", tp=2, pp=1, cp=2, world_size=4),
+]
 TEXT = "the quick brown fox jumps over the lazy dog and the data tokens model "
 
 
@@ -70,7 +74,8 @@ def written(setup: dict, layout: Layout, command: str) -> dict:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
 def test_sharded_perplexity_equals_one_process(setup: dict, layout: Layout) -> None:
     results = written(setup, layout, "perplexity")
-    assert results["layout"] == {"tp": layout.tp, "pp": layout.pp, "dp": layout.world_size // (layout.tp * layout.pp)}
+    dp = layout.world_size // (layout.tp * layout.pp * layout.cp)
+    assert results["layout"] == {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": dp}
     documents = iter_documents([setup["inputs"]["documents"]])
     single = score_documents(setup["model"], setup["tokenizer"], documents, per_document=True)
     assert set(results["groups"]) == set(single["groups"]) == {"web", "wiki"}

@@ -5,9 +5,9 @@
 
 CKPT is any megaolmo checkpoint (consolidated, or a sharded training checkpoint of any layout). Both
 print a table and, with --out FILE, write the results as JSON. Under torchrun every rank loads the
-model and scores its share of the documents or examples (data parallel); with --tp N and/or --pp N the
-model is instead sharded over N-rank groups as in training (megaolmo.eval.sharded), the remaining ranks
-data parallel, so a model too big for one GPU is evaluated. A bad input stops with one `error:` line and
+model and scores its share of the documents or examples (data parallel); with --tp N, --pp N and/or --cp N
+the model is instead sharded over N-rank groups as in training (megaolmo.eval.sharded), the remaining ranks
+data parallel, so a model too big for one GPU is evaluated (and with --cp, a context too long for one). A bad input stops with one `error:` line and
 exit code 2, and writes nothing; inputs are checked before the model is loaded.
 """
 
@@ -47,6 +47,7 @@ def add_common(sub: argparse.ArgumentParser, batch_size: int) -> None:
     sub.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     sub.add_argument("--tp", type=positive, default=1, help="tensor-parallel degree: shard the model over N ranks")
     sub.add_argument("--pp", type=positive, default=1, help="pipeline-parallel degree: split the layers over N ranks")
+    sub.add_argument("--cp", type=positive, default=1, help="context-parallel degree: split each row over N ranks")
     sub.add_argument("--out", help="write the results here as JSON")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = choose_dtype(args.dtype, device)
     start(device)
     scorer: Scorer | None = None  # with a sharded model, every rank scores every row through it
-    if args.tp * args.pp > 1:
-        model = load_sharded_model(args.checkpoint, tp=args.tp, pp=args.pp, device=device, dtype=dtype)
+    if args.tp * args.pp * args.cp > 1:
+        degrees = {"tp": args.tp, "pp": args.pp, "cp": args.cp}
+        model = load_sharded_model(args.checkpoint, **degrees, device=device, dtype=dtype)
         scorer = parallel_scorer(model, args.batch_size, eos_id(tokenizer))
     else:
         model = load_model(args.checkpoint, device, dtype)
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = evaluate_tasks(model, tokenizer, tasks, **options)
         table = downstream_table(results)
     header = {"command": args.command, "checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer)}
-    layout = {"tp": args.tp, "pp": args.pp, "dp": world // (args.tp * args.pp)}
+    layout = {"tp": args.tp, "pp": args.pp, "cp": args.cp, "dp": world // (args.tp * args.pp * args.cp)}
     results = {**header, "dtype": str(dtype).removeprefix("torch."), "world_size": world, "layout": layout, **results}
     if rank == 0:
         print(table)

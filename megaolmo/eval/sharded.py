@@ -29,18 +29,22 @@ from megaolmo.eval.scoring import Row, Scorer
 from megaolmo.model.engine import ParallelOLMo
 
 
-def load_sharded_model(path: str | Path, *, tp: int, pp: int, device: torch.device, dtype: torch.dtype) -> ParallelOLMo:
-    """The checkpoint's model laid out over this job's ranks as tp x pp x (the rest data parallel).
+def load_sharded_model(
+    path: str | Path, *, tp: int, pp: int, cp: int = 1, device: torch.device, dtype: torch.dtype
+) -> ParallelOLMo:
+    """The checkpoint's model laid out over this job's ranks as tp x cp x pp x (the rest data parallel); under
+    context parallelism (`cp`) each row's tokens are split over cp ranks, for contexts one GPU cannot hold.
 
     Collective. Each rank reads only its share of the weights (any checkpoint layout, either format), as a
     run started from `trainer.init_from` does. Parameters are held in fp32 and computed in `dtype`: FSDP
     casts as it gathers when there is data parallelism, one copy per stage forward otherwise.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % (tp * pp):
+    if world % (tp * pp * cp):
+        cp_term = f" x --cp {cp}" if cp > 1 else ""
         raise EvalError(
-            f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the {world} ranks; launch a multiple of "
-            f"{tp * pp} ranks (torchrun --nproc-per-node) or change --tp/--pp"
+            f"--tp {tp} x --pp {pp}{cp_term} = {tp * pp * cp} does not divide the {world} ranks; launch a multiple "
+            f"of {tp * pp * cp} ranks (torchrun --nproc-per-node) or change --tp/--pp/--cp"
         )
     try:
         config = open_tensors(path).config
@@ -52,7 +56,9 @@ def load_sharded_model(path: str | Path, *, tp: int, pp: int, device: torch.devi
             f"the checkpoint's embedding has {rows} rows, which --tp {tp} cannot split; use a --tp dividing {rows}"
         )
     config = dataclasses.replace(config, embedding_size=rows)
-    model = ParallelOLMo(config, ParallelConfig(tp=tp, pp=pp, device=device.type), param_dtype=dtype)
+    if cp > 1:
+        config = dataclasses.replace(config, attention="sdpa", compile=False)  # what the CP ring computes with
+    model = ParallelOLMo(config, ParallelConfig(tp=tp, pp=pp, cp=cp, device=device.type), param_dtype=dtype)
     initialize_weights(path, model)
     return model
 
