@@ -26,7 +26,10 @@ def test_step_benchmark_compares_linears_and_transformers(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     notes = {row["implementation"]: row["note"] for row in rows if "note" in row}
-    assert notes == {"megaolmo torchao, FP8 all-gather": "skipped: needs data parallelism (torchrun, dp > 1)"}
+    assert notes == {
+        "megaolmo torchao, FP8 all-gather": "skipped: needs data parallelism (torchrun, dp > 1)",
+        "megaolmo torch, context parallelism": "skipped: needs several data-parallel ranks (torchrun)",
+    }
     rows = [row for row in rows if "note" not in row]
     names = [row["implementation"] for row in rows]
     fp8_gemm = torch.cuda.is_available() and has_fp8_gemm(torch.device("cuda", 0))

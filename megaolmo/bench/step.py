@@ -12,7 +12,9 @@ emulated, high-precision matmuls after the float8 casts: its row is named
 "megaolmo torchao (emulated FP8)", a check of the wiring, not FP8's speed.
 Then a row per throughput lever (`--levers`): compiled blocks (model.compile), the loss a chunk of
 tokens at a time (trainer.loss_chunk_tokens) and, under torchrun with data parallelism, the FP8
-all-gather (fp8.all_gather); `step peak MiB` is what one step allocates above what lives before it.
+all-gather (fp8.all_gather) and context parallelism (the same ranks as a CP ring over each row instead of
+data-parallel ranks over the rows: the same tokens per rank); `step peak MiB` is what one step allocates
+above what lives before it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from megaolmo.model.fp8 import apply_tf32, has_fp8_gemm, precompute_fp8_scales
 from megaolmo.parallel.launch import init_distributed, is_rank_zero, launch_world_size, shutdown
 from megaolmo.tables import write_rows
 
-LEVERS = ("compile", "chunked-loss", "fp8-all-gather")
+LEVERS = ("compile", "chunked-loss", "fp8-all-gather", "context-parallel")
 
 
 def default_levers(device: torch.device) -> list[str]:
@@ -142,11 +144,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     baseline = None
 
-    def measure(name: str, model_config: ModelConfig, **options) -> tuple[ParallelOLMo, object]:
-        """Time megaolmo's step with this model and these engine options, and add its row."""
+    def measure(
+        name: str, model_config: ModelConfig, layout: ParallelConfig = parallel, **options
+    ) -> tuple[ParallelOLMo, object]:
+        """Time megaolmo's step with this model, layout and these engine options, and add its row."""
         nonlocal baseline
         reset_peak_memory(device)
-        model, step = megaolmo_step(model_config, parallel, dtype, ids, args.micro_batch_size, **options)
+        model, step = megaolmo_step(model_config, layout, dtype, ids, args.micro_batch_size, **options)
         seconds = _timed(step, args.steps, args.warmup, device)
         baseline = baseline or seconds
         name += " (emulated FP8)" if model.fp8_emulated else ""
@@ -183,6 +187,12 @@ def run(args: argparse.Namespace) -> int:
             measure(name, dataclasses.replace(config, linear="torchao"), fp8=Fp8Config(all_gather=True))
         else:  # FSDP gathers nothing on one data-parallel rank
             rows.append({"implementation": name, "note": "skipped: needs data parallelism (torchrun, dp > 1)"})
+    if "context-parallel" in levers:  # the data-parallel ranks split each row instead: the same tokens per rank
+        if dp > 1:
+            measure(f"megaolmo torch, cp{dp} for dp{dp} (ring attention)", config, dataclasses.replace(parallel, cp=dp))
+        else:
+            name, note = "megaolmo torch, context parallelism", "skipped: needs several data-parallel ranks (torchrun)"
+            rows.append({"implementation": name, "note": note})
     if is_rank_zero():
         where = (
             torch.cuda.get_device_name(device) if device_type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
