@@ -69,6 +69,8 @@ def _layouts() -> list[Layout]:
                loss_chunk_tokens=5),
         Layout("chunked_loss_docs_pp2_dp2", "untied_gqa", {"pp": 2, "dp": 2}, document_masking=True,
                loss_chunk_tokens=5),
+        Layout("chunked_loss_docs_cp2_tp2_sp_olmo3", "olmo3", {"cp": 2, "tp": 2, "sequence_parallel": True}, 2,
+               document_masking=True, loss_chunk_tokens=5),
     ]  # fmt: skip
     layouts += extra + [dataclasses.replace(layout, document_masking=True) for layout in documents]
     twins = [dataclasses.replace(layout, name=f"{layout.name}_olmo3", model="olmo3") for layout in layouts]
