@@ -46,11 +46,12 @@ class Run:
     parallel: dict = field(default_factory=dict)
     bf16: bool = False
     loss_chunk_tokens: int | None = None
+    document_masking: bool = False  # attention within the documents the random ids' EOS (0) ends
 
     @property
     def world_size(self) -> int:
         p = self.parallel
-        return p.get("tp", 1) * p.get("pp", 1) * p.get("dp", 1)
+        return p.get("tp", 1) * p.get("cp", 1) * p.get("pp", 1) * p.get("dp", 1)
 
 
 def peak_live_bytes(prof: profile) -> int:
@@ -97,11 +98,11 @@ def train_two_steps(run: Run, device: str = "cpu") -> ParallelOLMo:
     """Build the model and optimizer and take two steps as megaolmo.train does (its optimizer, clipping)."""
     dtype = torch.bfloat16 if run.bf16 else torch.float32
     model = ParallelOLMo(MODEL, ParallelConfig(device=device, **run.parallel), seed=0, param_dtype=dtype,
-                         loss_chunk_tokens=run.loss_chunk_tokens)  # fmt: skip
+                         loss_chunk_tokens=run.loss_chunk_tokens, document_masking=run.document_masking)  # fmt: skip
     optimizer = build_optimizer(model.named_parameters(), OptimConfig(), model.mesh.device)
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    share = GLOBAL_BATCH // model.mesh.dp
+    share = GLOBAL_BATCH // model.mesh.dp  # every CP rank of a DP rank gets its rows (and takes its tokens)
     rows = slice(model.mesh.dp_rank * share, (model.mesh.dp_rank + 1) * share)
     for _ in range(2):
         model.forward_backward(ids[rows], labels[rows], MICRO_BATCH)

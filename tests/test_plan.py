@@ -19,13 +19,13 @@ from megaolmo.model.flops import attended_pairs, attention_fraction, flops_per_t
 from megaolmo.model.olmo import OLMoBlock
 from megaolmo.model.rope import rope_tables
 from megaolmo.plan import Plan, make_plan
-from megaolmo.plan.__main__ import compose_config, main
-from megaolmo.plan.comm import pp_bytes_per_microbatch, tp_bytes_per_microbatch, traffic
+from megaolmo.plan.__main__ import _setup, compose_config, main
+from megaolmo.plan.comm import cp_bytes_per_microbatch, pp_bytes_per_microbatch, tp_bytes_per_microbatch, traffic
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import Layout, Placement, Workload
-from megaolmo.plan.memory import block_activation_terms
+from megaolmo.plan.memory import block_activation_terms, head_activation_bytes, logits_bytes, plan_memory
 from megaolmo.plan.search import candidate_layouts, search
-from megaolmo.plan.timing import attention_forward
+from megaolmo.plan.timing import attention_forward, cp_ring_seconds, microbatch_time, ring_step_forwards
 
 TOLERANCE = 0.10
 SINGLE = [
@@ -41,6 +41,10 @@ SPAWNED = [
     Run("dp2_fsdp", {"dp": 2}, bf16=True),
     Run("dp2_zero2_full_recompute", {"dp": 2, "reshard_after_forward": False, "activation_checkpointing": "full"},
         bf16=True),
+    # Context parallelism: each rank holds 128 / cp tokens of every row, FSDP2 shards over the cp ranks.
+    Run("cp2", {"cp": 2}),
+    Run("cp4", {"cp": 4}),
+    Run("cp2_document_masking", {"cp": 2}, document_masking=True),
 ]  # fmt: skip
 TEST_HARDWARE = Hardware(
     name="test", device_name="test CPU", device="cpu", devices_per_node=4, nodes=2, peak_flops=1e12, memory_bytes=2**34,
@@ -56,8 +60,9 @@ HAND_WORK = Workload(HAND_MODEL, 128, 16, False, "cpu", "torch", False, False)
 
 def plan_for(run: Run, device: str = "cpu") -> Plan:
     work = Workload(
-        MODEL, SEQ_LEN, GLOBAL_BATCH, run.bf16, device, MODEL.kernels, device == "cuda", False, run.loss_chunk_tokens
-    )
+        MODEL, SEQ_LEN, GLOBAL_BATCH, run.bf16, device, MODEL.kernels, device == "cuda", False, run.loss_chunk_tokens,
+        document_masking=run.document_masking,
+    )  # fmt: skip
     layout = Layout(micro_batch_size=MICRO_BATCH, **run.parallel)
     return make_plan(work, layout, dataclasses.replace(TEST_HARDWARE, device=device))
 
@@ -353,7 +358,9 @@ def test_qk_norm_all_reduces_and_sp_norm_weights() -> None:
     assert tp_bytes_per_microbatch(Placement(new.work, Layout(dp=2, micro_batch_size=4)), rank) == 0
 
 
-@pytest.mark.parametrize("experiment", ["olmo2_1b", "olmo2_7b", "olmo2_13b", "olmo2_32b", "olmo3_7b"])
+@pytest.mark.parametrize(
+    "experiment", ["olmo2_1b", "olmo2_7b", "olmo2_13b", "olmo2_32b", "olmo3_7b", "olmo3_7b_long_context"]
+)
 def test_cli_plans_the_new_recipes(experiment: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Every OLMo-2/3 recipe's layout fits with 10% of the usable memory to spare, as its comment says."""
     assert main([f"experiment={experiment}"]) == 0
@@ -376,3 +383,125 @@ def test_each_slurm_recipe_asks_for_the_gpus_its_experiment_plans(script: str) -
     config = compose_config([f"experiment={experiment}"])
     assert int(sbatch["nodes"]) == config.cluster.nodes, (script, experiment)
     assert int(sbatch["gpus-per-node"]) == int(sbatch["ntasks-per-node"]) == config.cluster.gpus_per_node
+
+
+# Context parallelism: the hand-checked case's 128 tokens over cp ranks, fp32.
+CP_WORK = HAND_WORK  # d_model 256, 4 heads of 64 (no GQA), 4 blocks, global batch 16
+
+
+def test_context_parallel_ring_traffic_on_a_hand_checked_case() -> None:
+    """cp2, b 4: each rank's k, v buffer [2, 4, 4 heads, 64 tokens, 64] is 131072 fp32 elements, 512 KiB. Per block
+    forward sends it once (cp - 1), backward once more plus the fp32 dk, dv accumulator twice (cp): 4 x 512 KiB;
+    full recompute adds the forward's. The ring of tp2 x cp2 fits a node of 4, tp2 x cp4 does not."""
+    kv = 2 * 4 * 4 * 64 * 64 * 4
+    placement = Placement(CP_WORK, Layout(cp=2, micro_batch_size=4))  # world 2, dp 1, m = 4
+    (rank,) = placement.ranks()
+    assert placement.local_seq_len == 64 and placement.n_microbatches == 4
+    assert cp_bytes_per_microbatch(placement, rank) == 4 * (kv + kv + 2 * kv)
+    full = Placement(CP_WORK, Layout(cp=2, micro_batch_size=4, activation_checkpointing="full"))
+    assert cp_bytes_per_microbatch(full, rank) == 4 * (kv + kv + 2 * kv + kv)
+    flows = {flow.kind: flow for flow in traffic(placement, rank, TEST_HARDWARE)}
+    assert flows["cp"].bytes_per_step == 4 * 4 * 4 * kv and flows["cp"].bytes_per_second == 1e10
+    # cp4 at b 4: 32 tokens a rank; forward 3 sends, backward 3 + 4 fp32 accumulators, of a buffer half as large
+    four = Placement(CP_WORK, Layout(cp=4, micro_batch_size=4))
+    assert cp_bytes_per_microbatch(four, rank) == 4 * (3 + 3 + 4) * kv / 2
+    wide = Placement(CP_WORK, Layout(tp=2, cp=4, micro_batch_size=4, dp=1))  # 8 ranks: the ring spans 2 nodes of 4
+    flows = {flow.kind: flow for flow in traffic(wide, wide.ranks()[0], TEST_HARDWARE)}
+    assert flows["cp"].bytes_per_second == TEST_HARDWARE.inter_node_bytes_per_s
+    assert cp_bytes_per_microbatch(wide, rank) == cp_bytes_per_microbatch(four, rank) / 2  # kv heads / tp
+    # FSDP shards and reduces over dp x cp = 2 x 2 ranks: the fp32 gradients' reduce-scatter sends 3/4 of them
+    sharded = Placement(CP_WORK, Layout(cp=2, dp=2, micro_batch_size=4))
+    flows = {flow.kind: flow for flow in traffic(sharded, sharded.ranks()[0], TEST_HARDWARE)}
+    assert flows["dp_scatter"].bytes_per_step == 4 * sharded.unsharded_params(sharded.ranks()[0]) * 3 / 4
+    assert flows["dp_scatter"].group == "2 x 2 (dp x cp) GPUs"
+
+
+def test_context_parallel_ring_time_is_what_the_attention_blocks_do_not_hide() -> None:
+    """With a link fast enough to hide every transfer under its step's block, only the accumulator's last hop
+    home is exposed; with a slow one, each step's transfer beyond its block."""
+    placement = Placement(CP_WORK, Layout(cp=2, micro_batch_size=4))
+    kv_bytes = 2 * 4 * 4 * 64 * 64 * 4
+    fast = dataclasses.replace(TEST_HARDWARE, intra_node_bytes_per_s=1e15)
+    exposed, hidden = cp_ring_seconds(placement, fast)
+    assert exposed == pytest.approx(kv_bytes / 1e15) and hidden == pytest.approx(3 * kv_bytes / 1e15)
+    steps = ring_step_forwards(placement, TEST_HARDWARE)  # rank 1 (chunks 1, 2) does the most: 3 pairs
+    assert len(steps) == 2 and sum(steps) == pytest.approx(attention_forward(placement, TEST_HARDWARE))
+    slow = dataclasses.replace(TEST_HARDWARE, intra_node_bytes_per_s=1e6)
+    kv = kv_bytes / 1e6
+    exposed, hidden = cp_ring_seconds(placement, slow)
+    expected = (kv - steps[0]) + (kv - 2.5 * steps[0]) + (kv - 2.5 * steps[1]) + kv  # fwd, bwd steps 0 1, home
+    assert exposed == pytest.approx(expected)
+    micro = microbatch_time(placement, placement.ranks()[0], slow)
+    assert micro.cp == pytest.approx(4 * exposed) and micro.total == pytest.approx(micro.compute + micro.cp)
+    # causal attention without a mask (compute-bound here): the busiest rank's pairs are 1/cp of the causal work
+    one = Placement(CP_WORK, Layout(micro_batch_size=4))
+    hbm = dataclasses.replace(TEST_HARDWARE, hbm_bytes_per_s=1e15)
+    rate = hbm.peak_flops * hbm.matmul_efficiency
+    assert attention_forward(placement, hbm) == pytest.approx(2 * 4 * 128 * 128 * 256 / 2 / rate)
+    assert attention_forward(one, hbm) == pytest.approx(2 * attention_forward(placement, hbm))
+
+
+def test_context_parallel_memory_divides_by_cp() -> None:
+    """cp2 at 128 tokens keeps per block what one rank keeps at 64 tokens, its logits and loss those of 64 tokens,
+    and FSDP2 shards over dp x cp: cp2 x dp2 holds what dp4 holds. No mask is kept under CP: one process with
+    document masking keeps a [b, s, s] bias per block."""
+    half = Placement(dataclasses.replace(CP_WORK, seq_len=64), Layout(micro_batch_size=4))
+    cp2 = Placement(CP_WORK, Layout(cp=2, micro_batch_size=4))
+    assert block_activation_terms(cp2) == block_activation_terms(half)
+    assert logits_bytes(cp2) == logits_bytes(half) and head_activation_bytes(cp2) == head_activation_bytes(half)
+    dp4 = Placement(CP_WORK, Layout(dp=4, micro_batch_size=4))
+    cp2_dp2 = Placement(CP_WORK, Layout(cp=2, dp=2, micro_batch_size=4))
+    assert cp2_dp2.layout.world_size == 4 and cp2_dp2.n_microbatches == dp4.n_microbatches * 2
+    assert cp2_dp2.sharded_params(cp2_dp2.ranks()[0]) == dp4.sharded_params(dp4.ranks()[0])
+    step = {m.name: m for m in plan_memory(cp2_dp2)[0].moments}["optimizer step"].items
+    assert "weights (fp32 master, FSDP2-sharded 1/4 over dp x cp = 2 x 2)" in step
+    documents = dataclasses.replace(CP_WORK, document_masking=True)
+    one = block_activation_terms(Placement(documents, Layout(micro_batch_size=4)))
+    assert one["document mask as a [b, s, s] SDPA bias"] == 4 * 128 * 128 * 4
+    assert block_activation_terms(Placement(documents, Layout(cp=2, micro_batch_size=4))) == block_activation_terms(
+        half
+    )
+
+
+def test_placement_refuses_what_megaolmo_refuses_under_context_parallelism() -> None:
+    with pytest.raises(ConfigError, match="not divisible by 2 x parallel.cp=3"):
+        Placement(dataclasses.replace(CP_WORK, global_batch_size=12), Layout(cp=3, micro_batch_size=4))
+    with pytest.raises(ConfigError, match="set model.attention=sdpa"):
+        flash = dataclasses.replace(CP_WORK, model=dataclasses.replace(HAND_MODEL, attention="flash"))
+        Placement(flash, Layout(cp=2, micro_batch_size=4))
+    with pytest.raises(ConfigError, match="are not divisible by parallel.tp=4"):
+        Placement(dataclasses.replace(CP_WORK, seq_len=132), Layout(tp=4, cp=2, micro_batch_size=4,
+                                                                     sequence_parallel=True))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def long_context():
+    """The long-context recipe's workload on its 64 H200s, searched at 65536 tokens and at 4096."""
+    _, work, hardware = _setup(["experiment=olmo3_7b_long_context"])
+    return work, hardware
+
+
+def test_search_proposes_context_parallelism_for_long_sequences(long_context) -> None:
+    """At 65536 tokens the fastest layouts split the sequence (the recipe's cp8 first); at 4096 tokens none of
+    the fastest causal layouts does: activations fit without it, and the ring would only add its transfers."""
+    work, hardware = long_context
+    plans = search(work, hardware)
+    assert plans[0].layout.cp > 1 and all(plan.layout.cp > 1 for plan in plans[:10])
+    assert plans[0].layout == Layout.from_config(compose_config(["experiment=olmo3_7b_long_context"]), 64)
+    no_cp = [plan for plan in plans if plan.layout.cp == 1]
+    assert all(plan.step.seconds > plans[0].step.seconds for plan in no_cp)
+    causal = search(dataclasses.replace(work, seq_len=4096, document_masking=False), hardware)
+    assert causal[0].layout.cp == 1, causal[0].layout.describe()
+    # With documents, one process's SDPA computes every (query, key) pair under the [b, 1, s, s] mask while the
+    # ring skips the pairs causality masks whole: cp2 comes out about 1% ahead, within the roofline's noise.
+    masked = search(dataclasses.replace(work, seq_len=4096), hardware)
+    best_without = next(plan for plan in masked if plan.layout.cp == 1)
+    assert best_without.step.seconds <= 1.02 * masked[0].step.seconds
+
+
+def test_cli_prints_the_ring_of_the_long_context_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment=olmo3_7b_long_context"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: tp1 x cp8 x pp1 x dp8" in out and "the ring spans 8 consecutive ranks (within a node)" in out
+    assert "CP ring (k, v forward; k, v + fp32 dk, dv backward)" in out and "ms exposed" in out
+    assert "FSDP2-sharded 1/64 over dp x cp = 8 x 8" in out and "document mask as a" not in out

@@ -25,6 +25,8 @@ from megaolmo.plan.layout import Layout, Placement
         ("olmo2_13b", "0 0 0 0-39", "127 0 0 0-39"),  # TP2: q_norm and k_norm split by head
         ("olmo2_32b", "0 0 0 0-63", "255 0 0 0-63"),  # TP4 with GQA: k_norm is 1024 / 4 wide
         ("olmo3_7b", "0 0 0 0-31", "63 0 0 0-31"),
+        # CP8 x DP8: FSDP2 shards over all 64 (dp x cp) ranks; the last rank is CP rank 7 of DP rank 7
+        ("olmo3_7b_long_context", "0 0 0 0-31", "63 0 0 0-31"),
     ],
 )
 def test_dry_run_of_a_recipe_equals_the_plan(
@@ -35,6 +37,8 @@ def test_dry_run_of_a_recipe_equals_the_plan(
     rows = lines[3:]  # title, header, rule, then one row per built rank: rank 0 and the last
     assert [" ".join(row.split()[:4]) for row in rows] == [first, last], lines
     assert all(row.rstrip().endswith("equal") for row in rows), lines
+    if experiment == "olmo3_7b_long_context":
+        assert [row.split()[4:7] for row in rows] == [["0", "of", "8"], ["7", "of", "8"]], lines
 
 
 def test_a_wrong_planner_figure_is_a_mismatch(

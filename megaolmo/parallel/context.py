@@ -119,24 +119,29 @@ class BlockPair:
         return self.diagonal and not self.masked
 
 
-def _pairs(shard: SequenceShard, source: int, window: int | None) -> list[BlockPair]:
-    """The pairs a ring step computes with the keys of CP rank `source`: those causality and the window leave
-    something of, a chunk against itself first (it gives every query a key, so merges start from a finite
-    log-sum-exp)."""
-    c, cp = shard.chunk, shard.cp.size
+def ring_pairs(cp: int, rank: int, source: int, chunk: int, window: int | None, documents: bool) -> list[BlockPair]:
+    """The pairs CP rank `rank` computes in the ring step holding the keys of CP rank `source` (chunks of
+    `chunk` tokens): those causality and the window leave something of, a chunk against itself first (it gives
+    every query a key, so merges start from a finite log-sum-exp). Pure arithmetic: the planner counts the
+    ring's work with it too (megaolmo.plan.timing)."""
     pairs = []
-    for qi, q_chunk in enumerate(chunks_of(shard.cp.rank, cp)):
+    for qi, q_chunk in enumerate(chunks_of(rank, cp)):
         for ki, k_chunk in enumerate(chunks_of(source, cp)):
             if k_chunk > q_chunk:
                 continue  # every key after every query
-            nearest = q_chunk * c - (k_chunk * c + c - 1)  # the least distance from a query to a key
-            farthest = q_chunk * c + c - 1 - k_chunk * c
+            nearest = q_chunk * chunk - (k_chunk * chunk + chunk - 1)  # the least distance from a query to a key
+            farthest = q_chunk * chunk + chunk - 1 - k_chunk * chunk
             if window is not None and nearest >= window:
                 continue  # every key outside the window
-            cut_by_window = window is not None and farthest >= window
-            masked = shard.document is not None or cut_by_window
+            masked = documents or (window is not None and farthest >= window)
             pairs.append(BlockPair(qi, ki, diagonal=k_chunk == q_chunk, masked=masked))
     return sorted(pairs, key=lambda pair: not pair.diagonal)
+
+
+def _pairs(shard: SequenceShard, source: int, window: int | None) -> list[BlockPair]:
+    """The pairs this rank computes with the keys of CP rank `source` (`ring_pairs`)."""
+    cp = shard.cp
+    return ring_pairs(cp.size, cp.rank, source, shard.chunk, window, documents=shard.document is not None)
 
 
 def _allowed(shard: SequenceShard, pair: BlockPair, source: int, window: int | None) -> torch.Tensor:

@@ -57,7 +57,11 @@ def _setup(overrides: list[str]) -> tuple[Config, Workload, Hardware]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megaolmo.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--search", action="store_true", help="rank every feasible layout by predicted step time")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="rank every feasible layout (tp, cp, pp, vp, dp, micro-batch, recompute, ZeRO) by predicted step time",
+    )
     parser.add_argument("--top", type=int, default=10, help="layouts --search prints (default 10)")
     parser.add_argument(
         "--dry-run", action="store_true", help="build ranks on the meta device and compare them with the plan"

@@ -2,9 +2,10 @@
 
 Ring collectives over g ranks: an all-gather or reduce-scatter of a tensor of
 N bytes (the whole, gathered size) sends N (g - 1) / g bytes from every GPU, an
-all-reduce twice that. The mesh is ("pp", "dp", "tp") with tp fastest
+all-reduce twice that. The mesh is ("pp", "dp", "cp", "tp") with tp fastest
 (parallel/mesh.py): a group runs at NVLink speed when its ranks fit in one node,
-else at the network's.
+else at the network's. A CP ring spans tp x cp consecutive ranks; FSDP shards,
+gathers and reduces over the dp x cp ranks of a (pp, tp) coordinate.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import PipelineRank, Placement
-from megaolmo.plan.memory import FP32, dtype_bytes
+from megaolmo.plan.memory import FP32, dtype_bytes, kv_buffer_elements
 
 
 def ring(size: int) -> float:
@@ -25,7 +26,7 @@ def ring(size: int) -> float:
 class Traffic:
     """Bytes one GPU sends for one kind of communication, and the bandwidth that carries them."""
 
-    kind: str  # tp | pp | dp_gather | dp_scatter | tied
+    kind: str  # tp | pp | cp | dp_gather | dp_scatter | tied
     name: str
     bytes_per_step: float
     bytes_per_second: float
@@ -37,9 +38,10 @@ class Traffic:
 
 
 def activation_bytes(placement: Placement) -> float:
-    """One micro-batch's [s, b, h] activation over the whole sequence, in the compute dtype."""
+    """One micro-batch's [s, b, h] activation over the whole sequence (s / cp tokens of it under CP), in the
+    compute dtype."""
     compute, _ = dtype_bytes(placement)
-    return placement.work.seq_len * placement.layout.micro_batch_size * placement.model.d_model * compute
+    return placement.local_seq_len * placement.layout.micro_batch_size * placement.model.d_model * compute
 
 
 def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
@@ -71,7 +73,7 @@ def tp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
         per_layer = (forward + backward + (forward if recompute else 0)) * 2 * ring(tp) * act
         embedding = 2 * ring(tp) * act  # all-reduce forward
         head = 2 * ring(tp) * act  # all-reduce of the input gradient
-    tokens = placement.work.seq_len * layout.micro_batch_size
+    tokens = placement.local_seq_len * layout.micro_batch_size
     loss = 3 * 2 * ring(tp) * tokens * FP32  # max, sum of exp and target logit over the vocabulary shards
     per_layer += qk_norm
     ends = (embedding if rank.first else 0.0) + (head + loss if rank.last else 0.0)
@@ -89,7 +91,7 @@ def qk_norm_collectives(placement: Placement) -> int:
 
 def qk_norm_bytes_per_layer(placement: Placement) -> float:
     """Bytes one GPU sends for QK-norm in one block per micro-batch: all-reduces of [s, b, 1] fp32."""
-    tokens = placement.work.seq_len * placement.layout.micro_batch_size
+    tokens = placement.local_seq_len * placement.layout.micro_batch_size
     return qk_norm_collectives(placement) * 2 * ring(placement.layout.tp) * tokens * FP32
 
 
@@ -102,6 +104,35 @@ def norm_weight_bytes(placement: Placement, rank: PipelineRank) -> float:
     compute, _ = dtype_bytes(placement)
     norms = 2 * rank.layers + int(rank.last)
     return norms * 2 * ring(layout.tp) * model.d_model * compute
+
+
+def ring_forward_repeats(placement: Placement) -> bool:
+    """Whether backward runs the ring's forward again: under full recompute (the block) and selective recompute
+    (the attention core, which is the ring)."""
+    return placement.layout.activation_checkpointing != "none"
+
+
+def cp_bytes_per_layer(placement: Placement) -> tuple[float, float]:
+    """(forward, backward) bytes one rank sends around the CP ring per block per micro-batch.
+
+    The ring passes the k, v buffer [2, b, kv_heads / tp, s / cp, hd] in the compute dtype on cp - 1 times in
+    forward. Backward passes it on cp - 1 times again, and the fp32 dk, dv accumulator (as many elements) cp
+    times: it travels with k and v and finally returns to its owner. Recompute adds the forward's ring again
+    (`ring_forward_repeats`), counted in backward.
+    """
+    cp = placement.layout.cp
+    if cp == 1:
+        return 0.0, 0.0
+    compute, _ = dtype_bytes(placement)
+    kv = kv_buffer_elements(placement)
+    forward = (cp - 1) * kv * compute
+    backward = (cp - 1) * kv * compute + cp * kv * FP32
+    return forward, backward + (forward if ring_forward_repeats(placement) else 0.0)
+
+
+def cp_bytes_per_microbatch(placement: Placement, rank: PipelineRank) -> float:
+    """CP ring bytes of one micro-batch through this rank's blocks, forward and backward."""
+    return rank.layers * sum(cp_bytes_per_layer(placement))
 
 
 def pp_bytes_per_microbatch(placement: Placement) -> float:
@@ -136,7 +167,9 @@ def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traf
     """Every kind of communication of this pipeline rank in one step."""
     layout, m = placement.layout, placement.n_microbatches
     compute, _ = dtype_bytes(placement)
-    tp, dp, pp = layout.tp, layout.dp, layout.pp
+    tp, dp, pp, cp = layout.tp, layout.dp, layout.pp, layout.cp
+    shard = layout.shard_degree  # FSDP2's dp x cp ranks
+    shard_group = f"{dp} x {cp} (dp x cp) GPUs" if cp > 1 else f"{dp} GPUs"
     out = [
         Traffic(
             "tp",
@@ -149,11 +182,21 @@ def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traf
             "pp",
             "PP p2p (activations forward, gradients back)",
             m * pp_bytes_per_microbatch(placement),
-            hw.link_bytes_per_s(tp * dp * pp),
+            hw.link_bytes_per_s(tp * cp * dp * pp),
             "neighbouring stages",
         ),
     ]
-    if dp > 1:
+    if cp > 1:
+        out.append(
+            Traffic(
+                "cp",
+                "CP ring (k, v forward; k, v + fp32 dk, dv backward)",
+                m * cp_bytes_per_microbatch(placement, rank),
+                hw.link_bytes_per_s(placement.cp_ring_span),
+                f"{cp} GPUs (ring)",
+            )
+        )
+    if shard > 1:
         block_gathers, root_gathers = dp_gathers_per_step(placement)
         block_bytes = placement.block_params * compute
         precision = "bf16" if placement.work.bf16 else "fp32"
@@ -161,22 +204,22 @@ def traffic(placement: Placement, rank: PipelineRank, hw: Hardware) -> list[Traf
             block_bytes -= placement.block_linear_params * (compute - 1)
             precision = f"FP8 block + {precision} other"
         blocks = rank.layers * block_bytes
-        gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank) * compute) * ring(dp)
+        gathered = (block_gathers * blocks + root_gathers * placement.root_params(rank) * compute) * ring(shard)
         name = f"DP all-gather of {precision} weights ({block_gathers:g} pass{'es' if block_gathers != 1 else ''})"
-        out.append(Traffic("dp_gather", name, gathered, hw.link_bytes_per_s(tp * dp), f"{dp} GPUs"))
-        scattered = FP32 * placement.unsharded_params(rank) * ring(dp)
+        out.append(Traffic("dp_gather", name, gathered, hw.link_bytes_per_s(tp * cp * dp), shard_group))
+        scattered = FP32 * placement.unsharded_params(rank) * ring(shard)
         out.append(
             Traffic(
                 "dp_scatter",
                 "DP reduce-scatter of fp32 gradients",
                 scattered,
-                hw.link_bytes_per_s(tp * dp),
-                f"{dp} GPUs",
+                hw.link_bytes_per_s(tp * cp * dp),
+                shard_group,
             )
         )
     if placement.model.weight_tying and pp > 1 and (rank.first or rank.last):
         rows, d = placement.embedding_shape
-        tied = FP32 * -(-rows // dp) * d  # all-reduce of 2 ranks: each sends its whole (sharded) gradient
-        link = hw.link_bytes_per_s(tp * dp * pp)
+        tied = FP32 * -(-rows // shard) * d  # all-reduce of 2 ranks: each sends its whole (sharded) gradient
+        link = hw.link_bytes_per_s(tp * cp * dp * pp)
         out.append(Traffic("tied", "tied embedding all-reduce", tied, link, "first + last stage"))
     return out

@@ -5,8 +5,8 @@ fake process group at the config's world size (`dist.init_process_group("fake", 
 does; no rank exists but this one, and every collective is a no-op), the start-up checks of a training run
 (`megaolmo.config.resolve`), the mesh authority (`ParallelMesh`) and this rank's stages cut, TP-sharded and
 FSDP2-wrapped on the meta device, so nothing is allocated even for 65B on 512 ranks. What FSDP2 holds is then
-compared with the planner's figures: parameters, fp32 weight, gradient and AdamW bytes, and the blocks of each
-stage module.
+compared with the planner's figures: parameters, fp32 weight, gradient and AdamW bytes, the blocks of each
+stage module, the CP degree and rank, and the ranks FSDP2 shards over (dp x cp).
 
 The stages are the ones `parallelize_olmo` builds for training, with `materialize=False`: left on the meta
 device, neither initialized nor swapped to FP8 (which keeps every weight's shape; Transformer Engine needs a GPU).
@@ -50,6 +50,9 @@ class BuiltRank:
     params: int  # elements of this rank's FSDP2 shards, padded as FSDP2 allocates them
     weight_bytes: int  # those shards at the dtype FSDP2 keeps (the master copy)
     unsharded_params: int  # elements after TP, before DP
+    cp: int = 1  # the mesh's CP degree
+    cp_rank: int = 0
+    shard_degree: int = 1  # ranks of FSDP2's shard mesh: dp x cp (one process: 1)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class Expected:
     grad_bytes: float
     optimizer_bytes: float
     checkpoint_bytes: float
+    cp: int = 1
+    cp_rank: int = 0
+    shard_degree: int = 1
 
 
 def default_ranks(world_size: int) -> list[int]:
@@ -117,6 +123,9 @@ def build_rank(config: Config, rank: int, world_size: int) -> BuiltRank:
         params=sum(f[0] for f in figures),
         weight_bytes=sum(f[1] for f in figures),
         unsharded_params=sum(f[2] for f in figures),
+        cp=mesh.cp,
+        cp_rank=mesh.cp_rank,
+        shard_degree=mesh.shard_mesh.size() if mesh.shard_mesh is not None else 1,
     )
 
 
@@ -142,9 +151,10 @@ def build_ranks(config: Config, ranks: list[int], world_size: int) -> list[Built
 
 
 def expected(placement: Placement, rank: int) -> Expected:
-    """The planner's figures for global rank `rank` (Megatron order: rank = (pp_rank x dp + dp_rank) x tp + tp_rank)."""
+    """The planner's figures for global rank `rank` (Megatron order, TP fastest, then CP, DP and PP:
+    rank = ((pp_rank x dp + dp_rank) x cp + cp_rank) x tp + tp_rank)."""
     layout = placement.layout
-    pp_rank = rank // (layout.dp * layout.tp)
+    pp_rank = rank // (layout.dp * layout.cp * layout.tp)
     pipeline_rank = placement.ranks()[pp_rank]
     memory = plan_memory(placement)[pp_rank]
     items = next(moment for moment in memory.moments if moment.name == "optimizer step").items
@@ -160,6 +170,9 @@ def expected(placement: Placement, rank: int) -> Expected:
         grad_bytes=_item(items, "gradients ("),
         optimizer_bytes=_item(items, "optimizer states ("),
         checkpoint_bytes=checkpoint_share(placement, pipeline_rank),
+        cp=layout.cp,
+        cp_rank=rank // layout.tp % layout.cp,
+        shard_degree=layout.shard_degree if placement.fsdp else 1,
     )
 
 
@@ -173,6 +186,9 @@ def mismatches(built: BuiltRank, plan: Expected) -> list[str]:
     grads = optimizer = built.weight_bytes
     figures = {
         "pp rank": (built.pp_rank, plan.pp_rank),
+        "cp": (built.cp, plan.cp),
+        "cp rank": (built.cp_rank, plan.cp_rank),
+        "FSDP shard ranks": (built.shard_degree, plan.shard_degree),
         "stages": (built.stage_ids, plan.stage_ids),
         "blocks": (built.blocks, plan.blocks),
         "params": (built.params, plan.params),
@@ -207,6 +223,7 @@ def dry_run(placement: Placement, config: Config, ranks: list[int] | None = None
                 "pp rank": built.pp_rank,
                 "stages": ",".join(map(str, built.stage_ids)),
                 "layers": _blocks(built.blocks),
+                "cp rank": f"{built.cp_rank} of {built.cp}",
                 "params": f"{built.params:,}",
                 "weights GiB": f"{built.weight_bytes / GIB:.3f}",
                 "grads GiB": f"{built.weight_bytes / GIB:.3f}",

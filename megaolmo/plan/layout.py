@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from megaolmo.config import Config, ModelConfig, ParallelConfig, microbatches_per_rank, resolve_dp, resolve_layout
 from megaolmo.errors import ConfigError
@@ -28,6 +29,7 @@ class Workload:
     decay_embeddings: bool  # the embedding sits in the decayed parameter group (one optimizer group)
     loss_chunk_tokens: int | None = None  # trainer.loss_chunk_tokens: the loss's logits a chunk at a time
     fp8_all_gather: bool = False  # fp8.all_gather with torchao: FSDP gathers the block linears in float8
+    document_masking: bool = False  # data.document_masking: attention within each document of a row
 
     @classmethod
     def from_config(cls, config: Config, device: str) -> Workload:
@@ -46,13 +48,14 @@ class Workload:
             decay_embeddings=config.optim.decay_embeddings,
             loss_chunk_tokens=trainer.loss_chunk_tokens,
             fp8_all_gather=config.fp8.all_gather and model.linear == "torchao",
+            document_masking=config.data.document_masking,
         )
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 
-    @property
+    @cached_property  # the search asks for it once per layout; OLMo-3's windows make it O(n_layers^2)
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one optimizer step, counted as megaolmo.model.flops counts them for MFU."""
         return flops_per_token(self.model, self.seq_len) * self.tokens_per_step
@@ -66,6 +69,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     vp: int = 1
+    cp: int = 1  # parallel.cp: each sequence split over cp ranks (two zig-zag chunks each), ring attention
     micro_batch_size: int = 1
     sequence_parallel: bool = False
     activation_checkpointing: str = "none"
@@ -76,7 +80,12 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks FSDP2 shards the weights, gradients and AdamW states over: DP and CP together ("dp_cp")."""
+        return self.dp * self.cp
 
     def parallel_config(self) -> ParallelConfig:
         split = list(self.pp_layer_split) if self.pp_layer_split is not None else None
@@ -85,6 +94,7 @@ class Layout:
             pp=self.pp,
             dp=self.dp,
             vp=self.vp,
+            cp=self.cp,
             sequence_parallel=self.sequence_parallel,
             pp_schedule=self.pp_schedule,
             pp_layer_split=split,
@@ -94,12 +104,15 @@ class Layout:
         )
 
     def describe(self) -> str:
-        """One line, e.g. `tp8 (SP) x pp8 (interleaved_1f1b, vp2) x dp8, micro-batch 1, selective recompute, ZeRO-3`."""
+        """One line, e.g. `tp8 (SP) x pp8 (interleaved_1f1b, vp2) x dp8, micro-batch 1, selective recompute, ZeRO-3`;
+        a `cp4 x` between TP and PP under context parallelism."""
         tp = f"tp{self.tp}" + (" (SP)" if self.sequence_parallel else "")
+        if self.cp > 1:
+            tp += f" x cp{self.cp}"
         pp = f"pp{self.pp}"
         if self.pp > 1:
             pp += f" ({self.pp_schedule}" + (f", vp{self.vp})" if self.vp > 1 else ")")
-        zero = ("ZeRO-3" if self.reshard_after_forward else "ZeRO-2") if self.dp > 1 else "no DP sharding"
+        zero = ("ZeRO-3" if self.reshard_after_forward else "ZeRO-2") if self.shard_degree > 1 else "no DP sharding"
         recompute = RECOMPUTE_NAMES[self.activation_checkpointing]
         return f"{tp} x {pp} x dp{self.dp}, micro-batch {self.micro_batch_size}, {recompute}, {zero}"
 
@@ -113,6 +126,7 @@ class Layout:
             pp=parallel.pp,
             dp=resolve_dp(parallel, world_size),
             vp=parallel.vp,
+            cp=parallel.cp,
             micro_batch_size=config.trainer.micro_batch_size,
             sequence_parallel=parallel.sequence_parallel,
             activation_checkpointing=parallel.activation_checkpointing,
@@ -159,6 +173,21 @@ class Placement:
                 f"{self.rounds} rounds of {layout.pp}"
             )
         self.stage_layers = list(resolved.stage_layers)
+
+    @cached_property
+    def windows(self) -> list[int | None]:
+        """Each block's attention window (None: full causal), as ModelConfig.attention_window gives it."""
+        return [self.model.attention_window(i) for i in range(self.model.n_layers)]
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of each sequence on one rank: seq_len / cp (two zig-zag chunks under context parallelism)."""
+        return self.work.seq_len // self.layout.cp
+
+    @property
+    def cp_ring_span(self) -> int:
+        """Consecutive global ranks a CP ring spans (TP fastest, then CP): within a node when tp x cp fits."""
+        return self.layout.tp * self.layout.cp
 
     @property
     def rounds(self) -> int:
@@ -241,8 +270,9 @@ class Placement:
         return rank.layers * self.block_params + self.root_params(rank)
 
     def sharded_params(self, rank: PipelineRank) -> int:
-        """Parameters this rank keeps under FSDP2: each tensor split along dim 0, padded to a multiple of dp."""
-        dp = self.layout.dp
+        """Parameters this rank keeps under FSDP2: each tensor split along dim 0, padded to a multiple of the
+        shard degree (dp x cp: FSDP2 shards over DP and CP together)."""
+        dp = self.layout.shard_degree
         if dp == 1:
             return self.unsharded_params(rank)
         block = sum(math.ceil(a / dp) * b for a, b in self.block_param_shapes())

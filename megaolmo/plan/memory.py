@@ -24,11 +24,21 @@ model/olmo.py, the kernels and the TP layers rather than Megatron's 34 s b h:
 - the MLP keeps ff_proj's output (2F) and the SwiGLU output (F); the torch
   SwiGLU also keeps silu(gate) (F).
 - full recompute keeps each block's input and rebuilds one block in backward.
+- with data.document_masking under SDPA every block gets a [b, 1, s, s] mask,
+  kept as a bias in the compute dtype like a window's.
+- context parallelism (parallel.cp) gives each rank s / cp tokens of every row
+  (two zig-zag chunks): every activation above, the logits and the loss are
+  those of s / cp tokens. Ring attention keeps what SDPA keeps on one process
+  (q, k, v, the output and the logsumexp) and no mask: each ring step rebuilds
+  its block's mask from token indices and document ids, a transient of
+  b (s / cp)^2 in the compute dtype at most, beside the k, v buffers in flight
+  and the fp32 dk, dv accumulator that travels with them in backward.
 
 Weights, gradients and optimizer states follow FSDP2 as
 torch.distributed.fsdp._fully_shard does it, in every multi-rank run (over a
 DP mesh of one rank when dp == 1): fp32 master weights, states and reduced
-gradients sharded over DP; copies in the compute dtype gathered per block (all
+gradients sharded over DP (over DP and CP together, dp x cp ranks, under
+context parallelism); copies in the compute dtype gathered per block (all
 kept for the whole step with reshard_after_forward=False: from forward to
 backward, and from one micro-batch to the next); with gradient
 accumulation an unsharded fp32 accumulated gradient per parameter; and under
@@ -89,7 +99,7 @@ def dtype_bytes(placement: Placement) -> tuple[int, int]:
 
 def _norm_rows(placement: Placement) -> int:
     """Tokens of the norm regions on this rank: the sequence shard under SP, else the whole sequence."""
-    layout, s = placement.layout, placement.work.seq_len
+    layout, s = placement.layout, placement.local_seq_len
     return (s // layout.tp if layout.sequence_parallel else s) * layout.micro_batch_size
 
 
@@ -99,11 +109,49 @@ def sliding_blocks(model: ModelConfig, seq_len: int) -> int:
     return sum(1 for window in windows if window is not None and window < seq_len)
 
 
+def _sliding(placement: Placement) -> int:
+    """`sliding_blocks` of the placement's model and sequence, from its windows."""
+    seq_len = placement.work.seq_len
+    return sum(1 for window in placement.windows if window is not None and window < seq_len)
+
+
 def window_mask_bias(placement: Placement) -> bool:
     """Whether sliding blocks run SDPA with a boolean [s, s] mask, which SDPA turns into an additive bias in
-    the compute dtype at every call and keeps for backward (flash-attn takes the window as two numbers)."""
+    the compute dtype at every call and keeps for backward (flash-attn takes the window as two numbers).
+    Under context parallelism the ring rebuilds each block's mask from token indices: nothing is kept."""
     model = placement.model
-    return model.attention == "sdpa" and sliding_blocks(model, placement.work.seq_len) > 0
+    return model.attention == "sdpa" and placement.layout.cp == 1 and _sliding(placement) > 0
+
+
+def document_mask_bias(placement: Placement) -> bool:
+    """Whether every block runs SDPA with a [b, 1, s, s] document mask (data.document_masking), kept as a bias in
+    the compute dtype for backward; flash-attn's variable-length kernel and the CP ring keep none."""
+    work, model = placement.work, placement.model
+    return work.document_masking and model.attention == "sdpa" and placement.layout.cp == 1
+
+
+def ring_backward_bytes(placement: Placement) -> float:
+    """What ring attention holds at once in one block's backward (cp > 1): the fp32 dq, the k, v buffer it
+    computes with and the one arriving, the fp32 dk, dv accumulator and the one arriving, and, with document
+    masking or a window, one pair's mask [b, 1, c, c] (c = s / (2 cp), a chunk), boolean and as a bias in the
+    compute dtype, rebuilt from token indices."""
+    layout, model = placement.layout, placement.model
+    if layout.cp == 1:
+        return 0.0
+    compute, _ = dtype_bytes(placement)
+    kv = kv_buffer_elements(placement)
+    dq = FP32 * placement.local_seq_len * layout.micro_batch_size * model.n_heads * model.head_dim // layout.tp
+    masked = placement.work.document_masking or _sliding(placement) > 0
+    rows = layout.micro_batch_size if placement.work.document_masking else 1
+    chunk = placement.work.seq_len // (2 * layout.cp)
+    mask = rows * chunk**2 * (compute + 1) if masked else 0
+    return dq + 2 * kv * compute + 2 * kv * FP32 + mask
+
+
+def kv_buffer_elements(placement: Placement) -> int:
+    """Elements of the ring's k, v buffer [2, b, kv_heads / tp, s / cp, hd]: what one ring step passes on."""
+    layout, model = placement.layout, placement.model
+    return 2 * layout.micro_batch_size * placement.local_seq_len * model.kv_heads // layout.tp * model.head_dim
 
 
 def _norm_terms(placement: Placement) -> dict[str, float]:
@@ -137,7 +185,7 @@ def _qk_norm_terms(placement: Placement) -> dict[str, float]:
     q and k before the weight; every path keeps one fp32 rstd per token for each.
     """
     work, layout, model = placement.work, placement.layout, placement.model
-    tokens = work.seq_len * layout.micro_batch_size
+    tokens = placement.local_seq_len * layout.micro_batch_size
     q, kv = model.n_heads * model.head_dim // layout.tp, model.kv_heads * model.head_dim // layout.tp
     compute, _ = dtype_bytes(placement)
     torch_path = work.kernels != "triton" or layout.tp > 1
@@ -157,9 +205,9 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
     where they differ: OLMo-3's sliding blocks under SDPA keep a mask bias that full blocks do not)."""
     work, layout, model = placement.work, placement.layout, placement.model
     recompute = recompute or layout.activation_checkpointing
-    s, b, h, tp = work.seq_len, layout.micro_batch_size, model.d_model, layout.tp
+    s, b, h, tp = placement.local_seq_len, layout.micro_batch_size, model.d_model, layout.tp
     rows = _norm_rows(placement)
-    tokens = s * b  # tokens of the TP regions (the whole sequence)
+    tokens = s * b  # tokens of the TP regions (the whole sequence, or this CP rank's s / cp)
     q = model.n_heads * model.head_dim // tp  # this rank's query width
     kv = model.kv_heads * model.head_dim // tp
     ffn = model.ffn_hidden_size // tp
@@ -169,9 +217,10 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
     terms = _norm_terms(placement)
     # attn_out keeps its input: a view of the attention output, which the attention keeps anyway, when CPU's
     # SDPA writes it in the query's [s, b, heads, hd] order, or with a batch of 1 when the kernel writes
-    # [b, s, heads, hd] (CUDA's SDPA, flash-attn); else a copy in [s, b, h].
+    # [b, s, heads, hd] (CUDA's SDPA, flash-attn); else a copy in [s, b, h]. Ring attention (cp > 1) stores its
+    # output in [s / cp, b, heads, hd] order: a view.
     cpu_sdpa = work.device == "cpu" and model.attention == "sdpa"
-    output_view = cpu_sdpa or (b == 1 and (work.device == "cuda" or model.attention == "flash"))
+    output_view = layout.cp > 1 or cpu_sdpa or (b == 1 and (work.device == "cuda" or model.attention == "flash"))
     if model.clip_qkv is not None:
         terms["qkv before clamp"] = tokens * (q + 2 * kv) * compute
     terms["q, k, v for SDPA"] = tokens * (q + 2 * kv) * compute  # RoPE's outputs and v's own copy
@@ -179,8 +228,10 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
         terms.update(_qk_norm_terms(placement))
     if recompute != "selective":
         terms["attention output, logsumexp"] = tokens * (q * compute + model.n_heads // tp * STAT)
-        if window_mask_bias(placement):
-            sliding = sliding_blocks(model, s)
+        if document_mask_bias(placement):
+            terms["document mask as a [b, s, s] SDPA bias"] = b * s * s * compute
+        elif window_mask_bias(placement):
+            sliding = _sliding(placement)
             terms[f"window mask as an [s, s] SDPA bias ({sliding} of {model.n_layers} blocks)"] = (
                 sliding / model.n_layers * s * s * compute
             )
@@ -194,14 +245,14 @@ def block_activation_terms(placement: Placement, recompute: str | None = None) -
 def block_backward_bytes(placement: Placement) -> float:
     """Gradients alive at once inside one block's backward: at SwiGLU, those of its output (F) and input (2F)."""
     compute, _ = dtype_bytes(placement)
-    tokens = placement.work.seq_len * placement.layout.micro_batch_size
+    tokens = placement.local_seq_len * placement.layout.micro_batch_size
     return 3 * tokens * placement.model.ffn_hidden_size // placement.layout.tp * compute
 
 
 def logits_bytes(placement: Placement, dtype_bytes_: int | None = None) -> float:
-    """One micro-batch's logits [b, s, V / tp], in the compute dtype unless told otherwise."""
+    """One micro-batch's logits [b, s / cp, V / tp], in the compute dtype unless told otherwise."""
     compute, _ = dtype_bytes(placement)
-    rows = placement.layout.micro_batch_size * placement.work.seq_len
+    rows = placement.layout.micro_batch_size * placement.local_seq_len
     return rows * placement.embedding_shape[0] * (dtype_bytes_ or compute)
 
 
@@ -226,9 +277,9 @@ def head_activation_bytes(placement: Placement) -> float:
     compute, _ = dtype_bytes(placement)
     gathered = 0.0
     if placement.model.weight_tying and layout.sequence_parallel and layout.tp > 1:
-        gathered = compute * work.seq_len * layout.micro_batch_size * placement.model.d_model
+        gathered = compute * placement.local_seq_len * layout.micro_batch_size * placement.model.d_model
     if work.loss_chunk_tokens is not None:
-        return norm + gathered + FP32 * work.seq_len * layout.micro_batch_size
+        return norm + gathered + FP32 * placement.local_seq_len * layout.micro_batch_size
     return norm + gathered + logits_bytes(placement, FP32)
 
 
@@ -240,7 +291,7 @@ def loss_backward_bytes(placement: Placement) -> float:
     if work.loss_chunk_tokens is None:
         return 2 * logits_bytes(placement, FP32)
     compute, _ = dtype_bytes(placement)
-    rows = placement.layout.micro_batch_size * work.seq_len
+    rows = placement.layout.micro_batch_size * placement.local_seq_len
     vocab_rows, d = placement.embedding_shape
     chunk = min(work.loss_chunk_tokens, rows) * vocab_rows
     chunk_terms = chunk * (2 * FP32 + (compute if compute != FP32 else 0))
@@ -256,7 +307,7 @@ def _recompute_bytes(placement: Placement) -> float:
     core = block_activation_terms(placement, "none")
     if recompute == "full":
         return sum(core.values())
-    attention = ("q, k, v for SDPA", "attention output, logsumexp", "window mask as an")
+    attention = ("q, k, v for SDPA", "attention output, logsumexp", "window mask as an", "document mask as a")
     return sum(value for key, value in core.items() if key.startswith(attention))
 
 
@@ -268,7 +319,8 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     compute, residual = dtype_bytes(placement)
     per_layer = sum(block_activation_terms(placement).values())
     in_flight, _ = placement.microbatches_in_flight(rank)
-    hidden = (work.seq_len // layout.tp if layout.sequence_parallel else work.seq_len) * layout.micro_batch_size
+    s = placement.local_seq_len
+    hidden = (s // layout.tp if layout.sequence_parallel else s) * layout.micro_batch_size
     hidden *= placement.model.d_model
     # A chunk's activations; a stage that sends its output keeps it for backward (torch pipelining's fwd_cache).
     sends = layout.pp > 1 and not (rank.last and layout.vp == 1)
@@ -278,12 +330,15 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     losses = (m if layout.pp > 1 and layout.pp_schedule == "gpipe" else 1) if rank.last else 0
     head = head_activation_bytes(placement)
 
-    shard = f", FSDP2-sharded 1/{layout.dp}" if layout.dp > 1 else ""
+    degree = layout.shard_degree
+    over = f" over dp x cp = {layout.dp} x {layout.cp}" if layout.cp > 1 else ""
+    shard = f", FSDP2-sharded 1/{degree}{over}" if degree > 1 else ""
     persistent = {
         f"weights (fp32 master{shard})": FP32 * sharded,
         f"optimizer states (2 fp32 AdamW moments{shard})": 2 * FP32 * sharded,
     }
-    if window_mask_bias(placement) and rank.layers:  # olmo.sliding_window_mask's cache: bool [s, s]
+    # olmo.sliding_window_mask's cache: bool [s, s] (document masks are built per micro-batch instead)
+    if window_mask_bias(placement) and not work.document_masking and rank.layers:
         persistent["sliding-window mask (cached bool [s, s])"] = float(work.seq_len**2)
     if layout.pp > 1:  # torch pipelining allocates receive buffers for every micro-batch, in the param dtype
         modules = range(layout.vp)
@@ -294,7 +349,7 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     if placement.fsdp:
         # ZeRO-3: the root unit, the running block and (dp > 1) the prefetched one, whose all-gather output is
         # allocated when it is issued; ZeRO-2 keeps every unit gathered for the whole step.
-        blocks = 2 if layout.dp > 1 else 1
+        blocks = 2 if layout.shard_degree > 1 else 1
         if layout.reshard_after_forward:
             gathered_key = f"gathered {precision} weights (ZeRO-3: root + {blocks} block{'s' if blocks > 1 else ''})"
             gathered = {gathered_key: compute * (root + blocks * block)}
@@ -319,7 +374,9 @@ def _rank_memory(placement: Placement, rank: PipelineRank) -> RankMemory:
     # Inside a block's backward its activation gradients (and any recompute) are alive; the unit's gradient
     # temporaries come at its end, when the block's own activations are gone: one or the other. The loss's
     # backward makes two fp32 gradients of the logits (loss_backward_bytes).
-    backward = max(block_backward_bytes(placement) + _recompute_bytes(placement), unit_temporary)
+    backward = max(
+        block_backward_bytes(placement) + _recompute_bytes(placement) + ring_backward_bytes(placement), unit_temporary
+    )
     if rank.last:
         backward = max(backward, loss_backward_bytes(placement))
 
@@ -369,7 +426,7 @@ def checkpoint_transient(placement: Placement, rank: PipelineRank) -> float:
 
 def _largest_shard(placement: Placement, rank: PipelineRank) -> int:
     """Elements of this rank's largest FSDP shard of one parameter (dim 0 split over DP, rounded up)."""
-    dp = placement.layout.dp
+    dp = placement.layout.shard_degree
     shapes = placement.block_param_shapes() if rank.layers else []
     if rank.embedding_copies or rank.head:
         shapes.append(placement.embedding_shape)
@@ -389,7 +446,7 @@ def optimizer_temporaries(placement: Placement, rank: PipelineRank) -> dict[str,
     """What AdamW allocates while it steps, by torch's path: fused (CUDA, megaolmo's default there) nothing;
     foreach (plain tensors on CUDA) sqrt(v) of a whole parameter group; otherwise (CPU, FSDP's DTensors) one
     parameter at a time, sqrt(v) and its scaled copy."""
-    work, dp = placement.work, placement.layout.dp
+    work, dp = placement.work, placement.layout.shard_degree
     if work.fused_adam:
         return {}
     rows, d = placement.embedding_shape

@@ -60,6 +60,18 @@ def _header(plan: Plan, title: str) -> list[str]:
             f"batch: {work.global_batch_size} sequences x {work.seq_len} tokens = "
             f"{_count(work.tokens_per_step, 'token')} per step; {placement.n_microbatches} micro-batches per DP rank; "
             f"{'bf16' if work.bf16 else 'fp32'} compute, {work.kernels} kernels, {model.attention} attention"
+            + (", document masking" if work.document_masking else "")
+        ),
+        *(
+            [
+                f"context parallelism: cp{layout.cp}, each rank holds {placement.local_seq_len} tokens of every "
+                f"sequence (2 zig-zag chunks of {work.seq_len // (2 * layout.cp)}); the ring spans "
+                f"{placement.cp_ring_span} consecutive ranks ("
+                + ("within a node" if placement.cp_ring_span <= hw.devices_per_node else "across nodes")
+                + f"); FSDP shards over dp x cp = {layout.shard_degree} ranks"
+            ]
+            if layout.cp > 1
+            else []
         ),
     ]
 
@@ -123,10 +135,12 @@ def _memory(plan: Plan) -> list[str]:
             f"  last stage: the loss forms {work.loss_chunk_tokens} tokens' logits at a time; its backward holds "
             f"{loss_backward_bytes(placement) / MIB:.1f} MiB (whole logits in fp32: {logits_bytes(placement, FP32) / MIB:.1f} MiB)"
         )
-    sbh = work.seq_len * layout.micro_batch_size * placement.model.d_model / layout.tp
+    sbh = placement.local_seq_len * layout.micro_batch_size * placement.model.d_model / layout.tp
     lines.append(
         f"  activations per block per micro-batch: {worst.activation_per_layer / MIB:.1f} MiB = "
-        f"{worst.activation_per_layer / sbh:.1f} s*b*h/tp bytes (Korthikanti et al. 2022, megaolmo's terms):"
+        f"{worst.activation_per_layer / sbh:.1f} s*b*h/tp bytes"
+        + (f" (s = {placement.local_seq_len}, this CP rank's tokens)" if layout.cp > 1 else "")
+        + " (Korthikanti et al. 2022, megaolmo's terms):"
     )
     for name, value in block_activation_terms(placement).items():
         lines.append(f"    {name:<60} {value / sbh:6.2f} s*b*h/tp")
@@ -160,6 +174,17 @@ def _time(plan: Plan) -> list[str]:
             f"  per micro-batch t_mb = {micro.total * 1e3:.2f} ms: GEMMs {micro.gemm * 1e3:.2f}, attention "
             f"{micro.attention * 1e3:.2f}, element-wise {micro.elementwise * 1e3:.2f}, recompute "
             f"{micro.recompute * 1e3:.2f}, TP {micro.tp * 1e3:.2f}, PP p2p {micro.pp * 1e3:.2f}"
+            + (f", CP ring {micro.cp * 1e3:.2f}" if layout.cp > 1 else "")
+        ),
+        *(
+            [
+                (
+                    f"  CP ring per micro-batch: {micro.cp * 1e3:.2f} ms exposed, {micro.cp_overlapped * 1e3:.2f} ms "
+                    f"hidden under the attention blocks (cp{layout.cp}, {m * micro.cp:.3f} s exposed per step)"
+                )
+            ]
+            if layout.cp > 1
+            else []
         ),
         f"  m x t_mb                      {m * micro.total:9.3f} s",
         f"  bubble (pp - 1) x t_mb / vp   {step.bubble:9.3f} s",
@@ -198,12 +223,23 @@ def _assumptions(plan: Plan) -> list[str]:
         (
             f"  collectives: rings, N (g - 1) / g bytes per GPU (all-reduce twice), no latency term; intra-node "
             f"{hw.intra_node_bytes_per_s / 1e9:.0f} GB/s when the group fits in a node of {hw.devices_per_node}, "
-            f"else the network {hw.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU; mesh (pp, dp, tp), tp fastest"
+            f"else the network {hw.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU; mesh (pp, dp, cp, tp), tp fastest"
         ),
         (
             "  exposed: TP collectives and pipeline sends (in t_mb); FSDP all-gathers overlap compute but for the "
             "first block of each pass; reduce-scatters overlap the last backward but for one unit (pp = 1) or not at "
             "all (pp > 1: torch pipelining reduces after the last micro-batch); tied-embedding all-reduce"
+        ),
+        *(
+            [
+                (
+                    "  CP ring: each step's k, v transfer (backward: with the fp32 dk, dv accumulator) overlaps that "
+                    "step's attention pairs, the excess exposed; the accumulator's last hop is exposed; recompute "
+                    "runs the forward ring again"
+                )
+            ]
+            if placement.layout.cp > 1
+            else []
         ),
         "  optimizer: AdamW and clipping read and write weights, gradients and moments at HBM bandwidth",
     ]
@@ -225,10 +261,10 @@ def format_table(plans: list[Plan], title: str, top: int, candidates: int) -> st
     for i, plan in enumerate(plans[:top], 1):
         layout = plan.layout
         rows.append({
-            "#": i, "tp": layout.tp, "sp": "y" if layout.sequence_parallel else "n", "pp": layout.pp,
+            "#": i, "tp": layout.tp, "sp": "y" if layout.sequence_parallel else "n", "cp": layout.cp, "pp": layout.pp,
             "vp": layout.vp, "dp": layout.dp, "mbs": layout.micro_batch_size,
             "recompute": layout.activation_checkpointing,
-            "zero": "-" if layout.dp == 1 else ("3" if layout.reshard_after_forward else "2"),
+            "zero": "-" if layout.shard_degree == 1 else ("3" if layout.reshard_after_forward else "2"),
             "bubble": f"{plan.placement.bubble_fraction():.1%}", "peak GiB": f"{plan.peak_bytes / GIB:.1f}",
             "step s": f"{plan.step.seconds:#.3g}", "MFU": f"{plan.step.mfu:.1%}",
         })  # fmt: skip

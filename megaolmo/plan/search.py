@@ -10,6 +10,7 @@ from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import Layout, Workload
 
 MAX_MICRO_BATCH = 16  # larger micro-batches only add activation memory once the GEMMs are large
+MIN_CP_TOKENS = 1024  # context parallelism only while each rank keeps at least this many tokens of a sequence
 
 
 def _divisors(n: int) -> list[int]:
@@ -17,13 +18,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(work: Workload, hardware: Hardware) -> Iterator[Layout]:
-    """TP within a node (powers of two), PP and virtual stages that split the layers evenly, DP over the rest,
+    """TP within a node (powers of two), CP (powers of two, each rank keeping at least MIN_CP_TOKENS of a
+    sequence, in 2 x cp equal chunks), PP and virtual stages that split the layers evenly, DP over the rest,
     power-of-two micro-batches, each recompute mode, SP on or off, ZeRO-3 or ZeRO-2."""
     world, layers = hardware.world_size, work.model.n_layers
     tps = [tp for tp in (2**i for i in range(8)) if hardware.devices_per_node % tp == 0 and world % tp == 0]
-    for tp in tps:
-        for pp in (pp for pp in _divisors(layers) if world % (tp * pp) == 0):
-            dp = world // (tp * pp)
+    cps = [
+        cp
+        for cp in (2**i for i in range(world.bit_length()))
+        if world % cp == 0 and work.seq_len % (2 * cp) == 0 and (cp == 1 or work.seq_len // cp >= MIN_CP_TOKENS)
+    ]
+    for tp, cp in ((tp, cp) for tp in tps for cp in cps if world % (tp * cp) == 0):
+        for pp in (pp for pp in _divisors(layers) if world % (tp * cp * pp) == 0):
+            dp = world // (tp * cp * pp)
             if work.global_batch_size % dp:
                 continue
             per_rank = work.global_batch_size // dp
@@ -36,6 +43,7 @@ def candidate_layouts(work: Workload, hardware: Hardware) -> Iterator[Layout]:
                             for reshard in (True, False) if dp > 1 else (True,):
                                 yield Layout(
                                     tp=tp,
+                                    cp=cp,
                                     pp=pp,
                                     dp=dp,
                                     vp=vp,

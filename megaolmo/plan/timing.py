@@ -15,6 +15,14 @@ FSDP's all-gathers overlap compute (prefetch) except the first block's of each
 pass, or whatever does not fit under the step's compute; reduce-scatters
 overlap the last micro-batch's backward except one unit's, but with pp > 1
 torch pipelining reduces after the last backward, so they are all exposed.
+Context parallelism (parallel.cp) runs every GEMM and element-wise op on s / cp
+tokens and 1 / cp of the attention (zig-zag chunks balance the causal work);
+the ring attention splits each block's attention into cp steps, each one's
+transfer of k and v (and in backward of the fp32 dk, dv accumulator) overlapped
+with that step's pairs of chunks: what a transfer takes beyond its step's
+compute is exposed (`cp_ring_seconds`), and the accumulator's last hop home
+has nothing to hide under. The ring skips the pairs causality or a window masks
+whole, and runs every pair of those a mask (documents, a window) cuts.
 A step is m t_mb + (pp - 1) t_mb / vp (the bubble) + exposed communication +
 the optimizer (AdamW and clipping, HBM-bound).
 """
@@ -22,19 +30,23 @@ the optimizer (AdamW and clipping, HBM-bound).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from megaolmo.model.flops import attention_fraction
+from megaolmo.parallel.context import ring_pairs
 from megaolmo.plan.comm import (
     Traffic,
+    cp_bytes_per_layer,
     dp_gathers_per_step,
     pp_bytes_per_microbatch,
     ring,
+    ring_forward_repeats,
     tp_bytes_per_microbatch,
     traffic,
 )
 from megaolmo.plan.hardware import Hardware
 from megaolmo.plan.layout import PipelineRank, Placement
-from megaolmo.plan.memory import FP32, dtype_bytes
+from megaolmo.plan.memory import FP32, dtype_bytes, kv_buffer_elements
 
 ATTENTION_BACKWARD = 2.5  # flash attention's backward, in forwards
 ADAMW_BYTES = 28  # per parameter: read weight, grad, two moments (16), write weight and moments (12)
@@ -55,6 +67,8 @@ class MicrobatchTime:
     recompute: float
     tp: float
     pp: float
+    cp: float = 0.0  # CP ring time the micro-batch waits for (beyond the attention blocks it overlaps)
+    cp_overlapped: float = 0.0  # CP ring time hidden under the attention blocks
 
     @property
     def compute(self) -> float:
@@ -62,7 +76,7 @@ class MicrobatchTime:
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.pp
+        return self.compute + self.tp + self.pp + self.cp
 
 
 @dataclass
@@ -101,29 +115,106 @@ def attention_forward(placement: Placement, hw: Hardware, window: int | None = N
 
     Flash attention (SDPA's is_causal kernel, flash-attn with or without a window) skips the tiles no query
     sees: the causal half of s^2, or the band of a window (megaolmo.model.flops.attention_fraction). SDPA
-    given a sliding window's boolean mask runs the memory-efficient kernel over every (query, key) pair
-    and reads the mask as an [s, s] bias.
+    given a mask (a sliding window's, or data.document_masking's on every block) runs the memory-efficient
+    kernel over every (query, key) pair and reads the mask as a bias. Under context parallelism, the sum of
+    the ring's steps on the busiest CP rank (`ring_step_forwards`).
     """
+    if placement.layout.cp > 1:
+        return sum(ring_step_forwards(placement, hw, window))
     work, layout, model = placement.work, placement.layout, placement.model
     compute, _ = dtype_bytes(placement)
     b, s, tp = layout.micro_batch_size, work.seq_len, layout.tp
     q, kv = model.n_heads * model.head_dim // tp, model.kv_heads * model.head_dim // tp
     causal_flops = 2 * b * s * s * q  # QK^T and PV, 2 s^2 hd FLOPs each per head, causal half
     attention_bytes = s * b * (2 * q + 2 * kv) * compute
-    if window is None or window >= s:
-        flops = causal_flops
-    elif model.attention == "flash":
-        flops = causal_flops * attention_fraction(s, window)
+    sliding = window is not None and window < s
+    documents = work.document_masking and model.attention == "sdpa"
+    if model.attention == "flash":
+        flops = causal_flops * (attention_fraction(s, window) if sliding else 1.0)
+    elif documents or sliding:  # the [b, 1, s, s] document mask or the [s, s] window bias
+        flops, attention_bytes = 2 * causal_flops, attention_bytes + (b if documents else 1) * s * s * compute
     else:
-        flops, attention_bytes = 2 * causal_flops, attention_bytes + s * s * compute
+        flops = causal_flops
     return max(flops / (hw.peak_flops * hw.matmul_efficiency), attention_bytes / hw.hbm_bytes_per_s)
+
+
+@lru_cache(maxsize=4096)
+def _pairs(
+    cp: int, seq_len: int, rank: int, source: int, window: int | None, documents: bool
+) -> tuple[tuple[bool, bool], ...]:
+    """(diagonal, masked) of each pair CP rank `rank` computes with CP rank `source`'s keys, as the ring picks
+    them (megaolmo.parallel.context.ring_pairs): skipped where causality or the window masks it whole."""
+    if window is not None and window >= seq_len:
+        window = None  # the band covers every causal key (megaolmo.model.olmo.causal_attention)
+    pairs = ring_pairs(cp, rank, source, seq_len // (2 * cp), window, documents)
+    return tuple((pair.diagonal, pair.masked) for pair in pairs)
+
+
+def ring_step_forwards(placement: Placement, hw: Hardware, window: int | None = None) -> list[float]:
+    """Forward seconds of each of the cp ring steps of one block on the busiest CP rank: its pairs, each a
+    fused SDPA call of c = s / (2 cp) queries and keys (the causal half on an unmasked diagonal, every pair
+    otherwise), reading its [b or 1, 1, c, c] bias where masked (built, then read)."""
+    work, layout, model = placement.work, placement.layout, placement.model
+    compute, _ = dtype_bytes(placement)
+    q, kv = model.n_heads * model.head_dim // layout.tp, model.kv_heads * model.head_dim // layout.tp
+    shape = (layout.cp, work.seq_len, window, work.document_masking, layout.micro_batch_size, q, kv, compute)
+    return list(_ring_steps(*shape, hw.peak_flops * hw.matmul_efficiency, hw.hbm_bytes_per_s))
+
+
+@lru_cache(maxsize=4096)
+def _ring_steps(
+    cp: int, seq_len: int, window: int | None, documents: bool, b: int, q: int, kv: int, compute: int, rate: float,
+    hbm: float,
+) -> tuple[float, ...]:  # fmt: skip
+    c = seq_len // (2 * cp)
+    mask_rows = b if documents else 1
+
+    def pair_seconds(diagonal: bool, masked: bool) -> float:
+        flops = 4 * b * c * c * q / (2 if diagonal and not masked else 1)
+        moved = c * b * (2 * q + 2 * kv) * compute + (2 * mask_rows * c * c * compute if masked else 0)
+        return max(flops / rate, moved / hbm)
+
+    per_rank = [
+        tuple(
+            sum(pair_seconds(*pair) for pair in _pairs(cp, seq_len, r, (r - step) % cp, window, documents))
+            for step in range(cp)
+        )
+        for r in range(cp)
+    ]
+    return max(per_rank, key=sum)
+
+
+def cp_ring_seconds(placement: Placement, hw: Hardware, window: int | None = None) -> tuple[float, float]:
+    """(exposed, overlapped) seconds of one block's CP ring per micro-batch (megaolmo.parallel.context).
+
+    Forward: step i < cp - 1 sends the k, v buffer while its pairs compute. Backward (ATTENTION_BACKWARD
+    forwards a step): step i sends k, v again (i < cp - 1) and the fp32 dk, dv accumulator of step i - 1
+    (i > 0), both under step i's pairs; the last accumulator goes home with nothing to overlap. What a
+    transfer takes beyond its step's compute is exposed; recompute runs the forward's ring again.
+    """
+    cp = placement.layout.cp
+    if cp == 1:
+        return 0.0, 0.0
+    compute, _ = dtype_bytes(placement)
+    link = hw.link_bytes_per_s(placement.cp_ring_span)
+    kv = kv_buffer_elements(placement) * compute / link
+    dkv = kv_buffer_elements(placement) * FP32 / link
+    steps = ring_step_forwards(placement, hw, window)
+    forward_exposed = sum(max(0.0, kv - step) for step in steps[:-1])
+    backward_exposed = dkv  # the last hop home
+    for i, step in enumerate(steps):
+        transfer = (kv if i < cp - 1 else 0.0) + (dkv if i > 0 else 0.0)
+        backward_exposed += max(0.0, transfer - ATTENTION_BACKWARD * step)
+    exposed = (2 if ring_forward_repeats(placement) else 1) * forward_exposed + backward_exposed
+    forward, backward = cp_bytes_per_layer(placement)
+    return exposed, (forward + backward) / link - exposed
 
 
 def _layer_forward(placement: Placement, hw: Hardware) -> tuple[float, float]:
     """(GEMM forward + backward, element-wise forward) seconds of one block (attention: `attention_forward`)."""
-    work, layout, model = placement.work, placement.layout, placement.model
+    layout, model = placement.layout, placement.model
     compute, residual = dtype_bytes(placement)
-    tp, b, s, h = layout.tp, layout.micro_batch_size, work.seq_len, model.d_model
+    tp, b, s, h = layout.tp, layout.micro_batch_size, placement.local_seq_len, model.d_model
     tokens = s * b
     rows = tokens // tp if layout.sequence_parallel else tokens
     q, kv = model.n_heads * model.head_dim // tp, model.kv_heads * model.head_dim // tp
@@ -163,13 +254,17 @@ def _qk_norm_bytes_per_element(placement: Placement) -> int:
 
 def microbatch_time(placement: Placement, rank: PipelineRank, hw: Hardware) -> MicrobatchTime:
     """Forward and backward of one micro-batch through every stage module of this rank."""
-    layout, work = placement.layout, placement.work
+    layout = placement.layout
     compute, _ = dtype_bytes(placement)
     gemm, elementwise = _layer_forward(placement, hw)
     layers = rank.layers
     # Attention per block: OLMo-3's sliding blocks cost less than its full ones (or more, under SDPA's mask).
-    windows = [placement.model.attention_window(i) for i in placement.block_indices(rank)]
-    attention = sum(attention_forward(placement, hw, window) for window in windows)
+    windows = [placement.windows[i] for i in placement.block_indices(rank)]
+    distinct = set(windows)
+    forwards = {window: attention_forward(placement, hw, window) for window in distinct}
+    ring_times = {window: cp_ring_seconds(placement, hw, window) for window in distinct}
+    attention = sum(forwards[window] for window in windows)
+    rings = [ring_times[window] for window in windows]
     per_layer = {"none": 0.0, "selective": 0.0, "full": gemm / 3 + elementwise}
     tp_exposed = 1 - ASYNC_TP_HIDDEN if layout.async_tp else 1.0
     recompute = layers * per_layer[layout.activation_checkpointing]
@@ -178,7 +273,7 @@ def microbatch_time(placement: Placement, rank: PipelineRank, hw: Hardware) -> M
     total_gemm = layers * gemm
     total_elementwise = layers * 3 * elementwise  # forward, and a backward moving twice the bytes
     if rank.last:
-        tokens = work.seq_len * layout.micro_batch_size
+        tokens = placement.local_seq_len * layout.micro_batch_size
         vocab = placement.embedding_shape[0]
         total_gemm += _gemm(tokens, placement.model.d_model, vocab, compute, hw)
         loss_bytes = tokens * vocab * (compute + 3 * FP32)  # upcast, softmax; backward below
@@ -189,7 +284,9 @@ def microbatch_time(placement: Placement, rank: PipelineRank, hw: Hardware) -> M
         elementwise=total_elementwise,
         recompute=recompute,
         tp=tp_bytes_per_microbatch(placement, rank) / hw.link_bytes_per_s(layout.tp) * tp_exposed,
-        pp=pp_bytes_per_microbatch(placement) / hw.link_bytes_per_s(layout.tp * layout.dp * layout.pp),
+        pp=pp_bytes_per_microbatch(placement) / hw.link_bytes_per_s(layout.world_size),
+        cp=sum(exposed for exposed, _ in rings),
+        cp_overlapped=sum(hidden for _, hidden in rings),
     )
 
 
@@ -201,11 +298,11 @@ def _exposed(placement: Placement, rank: PipelineRank, hw: Hardware, flows: list
     flow = {f.kind: f for f in flows}
     if "dp_gather" in flow:
         passes, _ = dp_gathers_per_step(placement)
-        block = compute * placement.block_params * ring(layout.dp) / flow["dp_gather"].bytes_per_second
+        block = compute * placement.block_params * ring(layout.shard_degree) / flow["dp_gather"].bytes_per_second
         exposed["DP all-gather"] = max(passes * block, flow["dp_gather"].seconds - busy)
     if "dp_scatter" in flow:
         scatter = flow["dp_scatter"]
-        unit = FP32 * max(placement.block_params, placement.root_params(rank)) * ring(layout.dp)
+        unit = FP32 * max(placement.block_params, placement.root_params(rank)) * ring(layout.shard_degree)
         exposed["DP reduce-scatter"] = scatter.seconds if layout.pp > 1 else unit / scatter.bytes_per_second
     if "tied" in flow:
         exposed["tied embedding all-reduce"] = flow["tied"].seconds
