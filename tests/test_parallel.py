@@ -120,8 +120,10 @@ FP8_LAYOUTS = [Layout("fp8_tp2_pp2_dp2", "fp8", {"tp": 2, "pp": 2, "dp": 2, "seq
 
 
 def _spawn_group(layout: Layout) -> tuple[str, int]:
-    """The layouts of one world size run in one spawn; the FP8 ones in their own."""
-    return ("fp8" if layout.model == "fp8" else "fp32", layout.world_size)
+    """The layouts of one world size run in one spawn; the FP8 and the CP ones in their own (each spawn's time
+    counts against its first test's timeout)."""
+    kind = "fp8" if layout.model == "fp8" else "cp" if layout.parallel.get("cp", 1) > 1 else "fp32"
+    return (kind, layout.world_size)
 
 
 def _spawn_layouts(layouts: list[Layout], out: Path) -> None:

@@ -164,7 +164,7 @@ def test_eval_script_scores_the_recipes_checkpoint_sharded_tp2_pp2(
     fields = wait_for(submitted.stdout.strip().split(";")[0])
     assert fields["JobState"] == "COMPLETED", (runs / "eval.out").read_text()
     results = json.loads(out.read_text())
-    assert results["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    assert results["layout"] == {"tp": 2, "pp": 2, "cp": 1, "dp": 1}
     single = evaluate_tasks(megaolmo.load(final), load_tokenizer(dataset["tokenizer"]), load_tasks([dataset["task"]]),
                             per_example=True)  # fmt: skip
     for got, want in zip(
