@@ -111,6 +111,18 @@ def held_out(run_dir: Path) -> list[float]:
     return [value for r in records for key, value in sorted(r.items()) if key.startswith("eval/")]
 
 
+def assert_trains_like(run_dir: Path, straight_dir: Path) -> None:
+    """The losses and the in-loop held-out metrics of a run in legs are those of the straight run, to 1e-5."""
+    got, want = losses(run_dir), losses(straight_dir)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5 * b, (got, want)
+    evaluated, expected = held_out(run_dir), held_out(straight_dir)
+    assert len(evaluated) == len(expected) > 0
+    for a, b in zip(evaluated, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (evaluated, expected)
+
+
 def test_olmo3_resumes_resharded(dataset, tmp_path: Path) -> None:
     """An OLMo-3 model (norm weights replicated over TP, QK-norm weights split by head, sliding windows) saved
     under tp2 (sequence parallel) x pp2 x dp2 resumes on one process with the losses of a run straight through."""
@@ -120,14 +132,7 @@ def test_olmo3_resumes_resharded(dataset, tmp_path: Path) -> None:
     resumed = run(dataset, run_dir, *OLMO3)
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout
-    got, want = losses(run_dir), losses(straight_dir)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert abs(a - b) <= 1e-5 * b, (got, want)
-    evaluated, expected = held_out(run_dir), held_out(straight_dir)  # in-loop held-out metrics at steps 3 and 6
-    assert len(evaluated) == len(expected) > 0
-    for a, b in zip(evaluated, expected):
-        assert abs(a - b) <= 1e-5 * abs(b), (evaluated, expected)
+    assert_trains_like(run_dir, straight_dir)  # in-loop held-out metrics at steps 3 and 6
     assert megaolmo.load(run_dir / "final").config.arch == "olmo3"
 
 
@@ -323,11 +328,4 @@ def test_context_parallel_checkpoint_resumes_on_one_process_and_back(dataset, tm
     resumed = run(dataset, run_dir, *args, *context_parallel, ranks=4)
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout
-    got, want = losses(run_dir), losses(straight_dir)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert abs(a - b) <= 1e-5 * b, (got, want)
-    evaluated, expected = held_out(run_dir), held_out(straight_dir)
-    assert len(evaluated) == len(expected) > 0
-    for a, b in zip(evaluated, expected):
-        assert abs(a - b) <= 1e-5 * abs(b), (evaluated, expected)
+    assert_trains_like(run_dir, straight_dir)
