@@ -28,7 +28,7 @@ from megaolmo.model.init import init_parameters
 from megaolmo.model.loss import TokenLosses
 from megaolmo.model.rope import rope_tables, yarn_of
 from megaolmo.parallel import ColumnParallelLinear, HeadParallelRMSNorm, RowParallelLinear, VocabParallelEmbedding
-from megaolmo.parallel.context import ContextParallel, SequenceShard, ring_attention
+from megaolmo.parallel.context import ContextParallel, SequenceShard, ring_attention, rope_rows
 from megaolmo.parallel.mappings import copy_to_tp
 
 
@@ -118,14 +118,10 @@ class Documents:
         """Per-token [s, b, hd / 2] rows of the [s, hd / 2] tables: each document rotated from position 0.
 
         Gathered once per table (blocks share the cached tables of rope_tables; YaRN's are another)."""
+        positions = self.positions.t()
         if torch.compiler.is_compiling():
-            positions = self.positions.t()
             return cos[positions], sin[positions]
-        if id(cos) not in self._rows:
-            positions = self.positions.t()
-            self._rows[id(cos)] = (cos, sin, cos[positions], sin[positions])  # the tables held: their ids stay
-        _, _, cos_rows, sin_rows = self._rows[id(cos)]
-        return cos_rows, sin_rows
+        return rope_rows(self._rows, positions, cos, sin)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[b, 1, s, s] bool, True where query i may attend key j: j <= i in the same document, and within

@@ -69,6 +69,18 @@ def zigzag_split(tensor: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torc
     return torch.cat([parts[i] for i in chunks_of(rank, cp)], dim=dim)
 
 
+def rope_rows(
+    cache: dict[int, tuple[torch.Tensor, ...]], positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of RoPE's [s, hd / 2] tables at `positions` (any shape), gathered once per table into `cache`
+    (here and in megaolmo.model.olmo.Documents). Keyed by the table's id: blocks share rope_tables' cached
+    tables, and YaRN's are others; the entry holds the tables too, so their ids stay theirs."""
+    if id(cos) not in cache:
+        cache[id(cos)] = (cos, sin, cos[positions], sin[positions])
+    _, _, cos_rows, sin_rows = cache[id(cos)]
+    return cos_rows, sin_rows
+
+
 class SequenceShard:
     """This CP rank's tokens of a micro-batch, in the forms RoPE and the ring take them (built once per stage
     forward, like megaolmo.model.olmo.Documents).
@@ -95,11 +107,8 @@ class SequenceShard:
     def rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of [s, hd / 2] tables for this rank's tokens: [s / cp, hd / 2], or [s / cp, b, hd / 2] with
         documents (each rotated from its document's start). Gathered once per table."""
-        if id(cos) not in self._rows:
-            positions = self.positions.t() if self.positions.dim() == 2 else self.positions
-            self._rows[id(cos)] = (cos, sin, cos[positions], sin[positions])  # the tables held: their ids stay
-        _, _, cos_rows, sin_rows = self._rows[id(cos)]
-        return cos_rows, sin_rows
+        positions = self.positions.t() if self.positions.dim() == 2 else self.positions
+        return rope_rows(self._rows, positions, cos, sin)
 
 
 @dataclass(frozen=True)

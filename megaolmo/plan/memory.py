@@ -57,7 +57,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megaolmo.config import ModelConfig
 from megaolmo.plan.layout import PipelineRank, Placement
 
 FP32, BF16 = 4, 2
@@ -103,14 +102,8 @@ def _norm_rows(placement: Placement) -> int:
     return (s // layout.tp if layout.sequence_parallel else s) * layout.micro_batch_size
 
 
-def sliding_blocks(model: ModelConfig, seq_len: int) -> int:
-    """Blocks whose window is shorter than the sequence (OLMo-3's sliding layers); the others are causal."""
-    windows = (model.attention_window(i) for i in range(model.n_layers))
-    return sum(1 for window in windows if window is not None and window < seq_len)
-
-
 def _sliding(placement: Placement) -> int:
-    """`sliding_blocks` of the placement's model and sequence, from its windows."""
+    """Blocks whose window is shorter than the sequence (OLMo-3's sliding layers); the others are causal."""
     seq_len = placement.work.seq_len
     return sum(1 for window in placement.windows if window is not None and window < seq_len)
 
